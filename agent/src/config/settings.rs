@@ -1,0 +1,170 @@
+//! The typed configuration. Every struct has `deny_unknown_fields` and a
+//! `Default` that is the built-in default, so one type serves both for
+//! checking a single drop-in file (missing keys fall back to defaults) and
+//! for the merged result. `config/default.toml` documents the same values and
+//! a test keeps the two equal.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub agent: AgentSettings,
+    pub control: ControlSettings,
+    pub object_store: ObjectStoreSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    pub state_dir: PathBuf,
+    pub log_level: LogLevel,
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/platform-agent"),
+            log_level: LogLevel::Info,
+            shutdown_timeout: Duration::from_secs(150),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlSettings {
+    pub socket: PathBuf,
+    /// Empty means: do not change the socket's group.
+    pub group: String,
+    pub max_request_bytes: u64,
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/platform-agent/control.sock"),
+            group: "platform-agent".into(),
+            max_request_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ObjectStoreSettings {
+    pub backend: ObjectStoreBackend,
+    pub local: LocalStoreSettings,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Settings>,
+}
+
+impl Default for ObjectStoreSettings {
+    fn default() -> Self {
+        Self {
+            backend: ObjectStoreBackend::Local,
+            local: LocalStoreSettings::default(),
+            s3: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectStoreBackend {
+    Local,
+    S3,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalStoreSettings {
+    pub path: PathBuf,
+}
+
+impl Default for LocalStoreSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("/var/lib/platform-agent/objects"),
+        }
+    }
+}
+
+/// Credentials are only ever named by file so that they never appear in the
+/// configuration, `config show` or the logs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Settings {
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub path_style: bool,
+    pub access_key_id_file: PathBuf,
+    pub secret_access_key_file: PathBuf,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            bucket: String::new(),
+            prefix: String::new(),
+            path_style: true,
+            access_key_id_file: PathBuf::new(),
+            secret_access_key_file: PathBuf::new(),
+        }
+    }
+}
+
+/// Durations are written the way operators write them in systemd units:
+/// "90s", "5min", "1h 30m".
+pub(crate) mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|err| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?}: {err} (write it like \"90s\", \"5min\" or \"1h 30m\")"
+            ))
+        })
+    }
+}

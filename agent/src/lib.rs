@@ -1,0 +1,12 @@
+//! platform-agent: the host-level caretaker of a single-node K3s server.
+//! The binary is a thin shell over this library (see `cli`).
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod logging;
+pub mod objstore;
+pub mod status;
+pub mod store;
+pub mod supervisor;
+pub mod systemd;

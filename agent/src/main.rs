@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    platform_agent::cli::main()
+}

@@ -1,0 +1,364 @@
+//! The daemon: loads the configuration, starts every subsystem as a task and
+//! watches them all at once. Whichever ends first, by error or not, and
+//! SIGTERM/SIGINT alike, start the same orderly shutdown. SIGHUP (or the
+//! `reload` request) re-reads the configuration and keeps the last valid one
+//! when the new one is wrong.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{self, ConfigErrors, ConfigSources, LoadedConfig};
+use crate::control::{ControlContext, ControlServer, ReloadOutcome, ReloadRequest};
+use crate::logging::{self, ids, LogHandle};
+use crate::objstore::{self, ObjectStore};
+use crate::status::{unix_now, AgentState, Health, Status, StatusHandle};
+use crate::store::Store;
+use crate::systemd::notify;
+
+/// sysexits.h: the configuration is wrong; systemd must not restart us.
+pub const EX_CONFIG: u8 = 78;
+/// sysexits.h: something the agent needs is not there (socket in use, state
+/// directory not writable).
+pub const EX_UNAVAILABLE: u8 = 69;
+
+type SubsystemResult = (&'static str, Result<(), String>);
+
+pub fn run(sources: ConfigSources) -> ExitCode {
+    let log = logging::init(config::LogLevel::Info);
+    info!(
+        message_id = ids::AGENT_STARTING,
+        version = env!("CARGO_PKG_VERSION"),
+        "platform-agent starting"
+    );
+    let loaded = match config::load(&sources) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            report_config_errors(&errors, "the configuration is invalid; not starting");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    log.set_level(loaded.settings.agent.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            error!(error = %err, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(Daemon::start(sources, loaded, log))
+}
+
+fn report_config_errors(errors: &ConfigErrors, what: &str) {
+    for err in &errors.0 {
+        error!(message_id = ids::CONFIG_INVALID, "{err}");
+    }
+    error!(message_id = ids::CONFIG_INVALID, errors = errors.0.len(), "{what}");
+}
+
+struct Daemon {
+    sources: ConfigSources,
+    log: LogHandle,
+    status: StatusHandle,
+    config_tx: watch::Sender<Arc<LoadedConfig>>,
+}
+
+impl Daemon {
+    async fn start(sources: ConfigSources, loaded: LoadedConfig, log: LogHandle) -> ExitCode {
+        let status = StatusHandle::new(Status::new(env!("CARGO_PKG_VERSION")));
+        let settings = loaded.settings.clone();
+        status.update(|s| {
+            s.config.generation = 1;
+            s.config.files = loaded.files.iter().map(|f| f.display().to_string()).collect();
+            s.config.loaded_at = unix_now();
+        });
+        let (config_tx, config_rx) = watch::channel(Arc::new(loaded));
+        let mut daemon = Daemon {
+            sources,
+            log,
+            status: status.clone(),
+            config_tx,
+        };
+
+        let state_dir = settings.agent.state_dir.clone();
+        let store = match tokio::task::spawn_blocking(move || Store::open(&state_dir)).await {
+            Ok(Ok(store)) => store,
+            Ok(Err(err)) => {
+                error!(error = %err, "cannot open the state store");
+                return ExitCode::from(EX_UNAVAILABLE);
+            }
+            Err(err) => {
+                error!(error = %err, "state store task failed");
+                return ExitCode::FAILURE;
+            }
+        };
+        let run_id = match store.begin_run(std::process::id(), env!("CARGO_PKG_VERSION")).await {
+            Ok((id, previous)) => {
+                if let Some(previous) = &previous {
+                    info!(previous_run = %previous, "previous agent run ended: {previous}");
+                }
+                status.update(|s| {
+                    s.agent.previous_run = previous;
+                    s.store.health = Health::Ok;
+                    s.store.path = store.path().display().to_string();
+                    s.store.schema_version = store.schema_version();
+                });
+                id
+            }
+            Err(err) => {
+                error!(error = %err, "cannot write to the state store");
+                return ExitCode::from(EX_UNAVAILABLE);
+            }
+        };
+
+        match objstore::open(&settings.object_store) {
+            Ok(store) => probe_object_store(store.as_ref(), &status).await,
+            Err(err) => {
+                error!(key = "object_store.backend", error = %err, "object store unusable");
+                let _ = store.finish_run(run_id, &format!("refused: {err}")).await;
+                return ExitCode::from(EX_CONFIG);
+            }
+        }
+
+        let server = match ControlServer::bind(&settings.control) {
+            Ok(server) => server,
+            Err(err) => {
+                error!(error = %err, "cannot open the control socket");
+                let _ = store.finish_run(run_id, &format!("failed: {err}")).await;
+                return ExitCode::from(EX_UNAVAILABLE);
+            }
+        };
+        let socket_path = server.path().to_path_buf();
+
+        let cancel = CancellationToken::new();
+        let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+        let mut subsystems: JoinSet<SubsystemResult> = JoinSet::new();
+        let context = Arc::new(ControlContext {
+            status: status.clone(),
+            config: config_rx,
+            reload: reload_tx,
+            daemon_uid: nix::unistd::geteuid().as_raw(),
+        });
+        {
+            let cancel = cancel.clone();
+            subsystems.spawn(async move {
+                server.serve(context, cancel).await;
+                ("control", Ok(()))
+            });
+        }
+        subsystems.spawn(publish_status(status.clone(), cancel.clone()));
+        if let Some(interval) = notify::watchdog_interval() {
+            subsystems.spawn(feed_watchdog(store.clone(), interval, cancel.clone()));
+        }
+
+        let mut signals = match Signals::new() {
+            Ok(signals) => signals,
+            Err(err) => {
+                error!(error = %err, "cannot install signal handlers");
+                return ExitCode::FAILURE;
+            }
+        };
+
+        let _ = status.set_agent_state(AgentState::Running);
+        notify::ready(&status.snapshot().summary_line());
+        info!(
+            message_id = ids::AGENT_READY,
+            socket = %socket_path.display(),
+            pid = std::process::id(),
+            "platform-agent ready"
+        );
+
+        let (reason, failed) = loop {
+            tokio::select! {
+                _ = signals.term.recv() => break ("stopped by SIGTERM".to_string(), false),
+                _ = signals.int.recv() => break ("stopped by SIGINT".to_string(), false),
+                _ = signals.hup.recv() => { let _ = daemon.reload(); }
+                Some(request) = reload_rx.recv() => {
+                    let _ = request.reply.send(daemon.reload());
+                }
+                Some(joined) = subsystems.join_next() => {
+                    let (name, result) = match joined {
+                        Ok(done) => done,
+                        Err(err) => ("unknown", Err(format!("task panicked or was cancelled: {err}"))),
+                    };
+                    let detail = match &result { Ok(()) => "ended".to_string(), Err(e) => format!("failed: {e}") };
+                    error!(message_id = ids::SUBSYSTEM_EXITED, subsystem = name, "subsystem {name} {detail}; shutting down");
+                    break (format!("subsystem {name} {detail}"), result.is_err());
+                }
+            }
+        };
+
+        info!(message_id = ids::SHUTDOWN_STARTED, reason = %reason, "orderly shutdown: {reason}");
+        let _ = status.set_agent_state(AgentState::Stopping);
+        notify::stopping(&status.snapshot().summary_line());
+        cancel.cancel();
+        let deadline = settings.agent.shutdown_timeout;
+        if tokio::time::timeout(deadline, async { while subsystems.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            warn!(deadline = %humantime::format_duration(deadline), "subsystems did not stop in time; aborting them");
+            subsystems.shutdown().await;
+        }
+        if let Err(err) = store.finish_run(run_id, &reason).await {
+            warn!(error = %err, "cannot record the stop in the state store");
+        }
+        let _ = status.set_agent_state(AgentState::Stopped);
+        info!(message_id = ids::AGENT_STOPPED, reason = %reason, "platform-agent stopped");
+        if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
+
+    fn reload(&mut self) -> ReloadOutcome {
+        match config::load(&self.sources) {
+            Ok(loaded) => {
+                let previous = self.config_tx.borrow().clone();
+                for key in restart_only_changes(&previous, &loaded) {
+                    warn!(key, "{key} changed; it takes effect when the agent restarts");
+                }
+                self.log.set_level(loaded.settings.agent.log_level);
+                let files: Vec<String> = loaded.files.iter().map(|f| f.display().to_string()).collect();
+                let mut generation = 0;
+                self.status.update(|s| {
+                    s.config.generation += 1;
+                    generation = s.config.generation;
+                    s.config.files = files.clone();
+                    s.config.loaded_at = unix_now();
+                    s.config.last_reload_error = None;
+                });
+                self.config_tx.send_replace(Arc::new(loaded));
+                info!(message_id = ids::CONFIG_RELOADED, generation, "configuration reloaded");
+                Ok((generation, files))
+            }
+            Err(errors) => {
+                report_config_errors(&errors, "reload refused; still running on the previous configuration");
+                let message = errors.to_string();
+                self.status
+                    .update(|s| s.config.last_reload_error = Some(message.clone()));
+                Err(message)
+            }
+        }
+    }
+}
+
+/// Keys whose new value needs a restart: they shape resources opened once at
+/// start (the socket, the store, the object store).
+fn restart_only_changes(old: &LoadedConfig, new: &LoadedConfig) -> Vec<String> {
+    let values = |config: &LoadedConfig| -> BTreeMap<String, String> {
+        config.effective().into_iter().map(|e| (e.key, e.value)).collect()
+    };
+    let (old, new) = (values(old), values(new));
+    let restart_prefixes = ["control.", "agent.state_dir", "object_store."];
+    new.iter()
+        .filter(|(key, value)| old.get(*key) != Some(value) && restart_prefixes.iter().any(|p| key.starts_with(p)))
+        .map(|(key, _)| key.clone())
+        .collect()
+}
+
+async fn probe_object_store(store: &dyn ObjectStore, status: &StatusHandle) {
+    const PROBE_KEY: &str = "agent/probe";
+    let description = store.describe();
+    let result = async {
+        let body = format!("probe from pid {} at {}\n", std::process::id(), unix_now());
+        let written = store.put(PROBE_KEY, &mut body.as_bytes(), Default::default()).await?;
+        let mut read_back = Vec::new();
+        store.get(PROBE_KEY, &mut read_back).await?;
+        store.delete(PROBE_KEY).await?;
+        if read_back != body.as_bytes() || written.size != body.len() as u64 {
+            return Err(crate::objstore::ObjectStoreError::Io {
+                store: store.describe(),
+                action: "verify",
+                key: PROBE_KEY.into(),
+                source: std::io::Error::other("read-back differs from what was written"),
+            });
+        }
+        Ok(())
+    }
+    .await;
+    let health = match result {
+        Ok(()) => Health::Ok,
+        Err(err) => {
+            // Not fatal: the volume and K3s duties must not wait for S3.
+            warn!(error = %err, store = %description, "object store probe failed");
+            Health::Failed {
+                reason: err.to_string(),
+            }
+        }
+    };
+    status.update(|s| {
+        s.object_store.health = health;
+        s.object_store.location = description;
+        s.object_store.backend = s
+            .object_store
+            .location
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+    });
+}
+
+/// Keeps systemd's STATUS= in step with the status model.
+async fn publish_status(status: StatusHandle, cancel: CancellationToken) -> SubsystemResult {
+    let mut changes = status.subscribe();
+    let mut last = String::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return ("status", Ok(())),
+            changed = changes.changed() => if changed.is_err() { return ("status", Ok(())) },
+        }
+        let line = changes.borrow_and_update().summary_line();
+        if line != last {
+            notify::status(&line);
+            last = line;
+        }
+    }
+}
+
+/// Pings systemd's watchdog only while the state store answers, so that a
+/// wedged agent is restarted instead of kept alive by a timer.
+async fn feed_watchdog(store: Store, interval: Duration, cancel: CancellationToken) -> SubsystemResult {
+    let mut ticker = tokio::time::interval(interval / 2);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return ("watchdog", Ok(())),
+            _ = ticker.tick() => {}
+        }
+        match tokio::time::timeout(interval / 4, store.ping()).await {
+            Ok(Ok(())) => notify::watchdog(),
+            Ok(Err(err)) => warn!(message_id = ids::WATCHDOG_CHECK_FAILED, error = %err, "watchdog check failed"),
+            Err(_) => warn!(message_id = ids::WATCHDOG_CHECK_FAILED, "watchdog check timed out"),
+        }
+    }
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
