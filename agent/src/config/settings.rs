@@ -37,7 +37,7 @@ impl Default for AgentSettings {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum LogLevel {
     Trace,
     Debug,
@@ -45,6 +45,30 @@ pub enum LogLevel {
     Warn,
     Error,
 }
+
+/// Enums are read through a string so that `log_level = 3` is reported as
+/// "expected a string" and a typo lists the accepted words.
+macro_rules! word_enum {
+    ($ty:ident, $what:literal, { $($word:literal => $variant:ident),+ $(,)? }) => {
+        impl TryFrom<String> for $ty {
+            type Error = String;
+
+            fn try_from(word: String) -> Result<Self, String> {
+                match word.as_str() {
+                    $($word => Ok($ty::$variant),)+
+                    _ => Err(format!(
+                        concat!("unknown ", $what, " {:?}, expected one of: {}"),
+                        word,
+                        [$($word),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+word_enum!(LogLevel, "log level", { "trace" => Trace, "debug" => Debug, "info" => Info, "warn" => Warn, "error" => Error });
+word_enum!(ObjectStoreBackend, "object store backend", { "local" => Local, "s3" => S3 });
 
 impl LogLevel {
     pub fn as_str(self) -> &'static str {
@@ -100,7 +124,7 @@ impl Default for ObjectStoreSettings {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum ObjectStoreBackend {
     Local,
     S3,
