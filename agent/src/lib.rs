@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod logging;
+pub mod metrics;
 pub mod objstore;
 pub mod status;
 pub mod store;

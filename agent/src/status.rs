@@ -88,7 +88,15 @@ pub struct Status {
     pub backups: Health,
     pub wal: Health,
     pub gitops: Health,
-    pub metrics: Health,
+    pub metrics: MetricsStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsStatus {
+    pub health: Health,
+    /// The address actually bound (resolves port 0).
+    pub listen: String,
+    pub scrapes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,7 +181,11 @@ impl Status {
             backups: Health::Disabled,
             wal: Health::Disabled,
             gitops: Health::Disabled,
-            metrics: Health::Disabled,
+            metrics: MetricsStatus {
+                health: Health::Disabled,
+                listen: String::new(),
+                scrapes: 0,
+            },
         }
     }
 
@@ -188,7 +200,7 @@ impl Status {
             ("backups", &self.backups),
             ("wal", &self.wal),
             ("gitops", &self.gitops),
-            ("metrics", &self.metrics),
+            ("metrics", &self.metrics.health),
         ]
     }
 

@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::config::{self, ConfigErrors, ConfigSources, LoadedConfig};
 use crate::control::{ControlContext, ControlServer, ReloadOutcome, ReloadRequest};
 use crate::logging::{self, ids, LogHandle};
+use crate::metrics::MetricsServer;
 use crate::objstore::{self, ObjectStore};
 use crate::status::{unix_now, AgentState, Health, Status, StatusHandle};
 use crate::store::Store;
@@ -141,6 +142,18 @@ impl Daemon {
             }
         };
         let socket_path = server.path().to_path_buf();
+        let metrics = if settings.metrics.enabled {
+            match MetricsServer::bind(&settings.metrics).await {
+                Ok(metrics) => Some(metrics),
+                Err(err) => {
+                    error!(key = "metrics.listen", error = %err, "cannot start the metrics endpoint");
+                    let _ = store.finish_run(run_id, &format!("failed: {err}")).await;
+                    return ExitCode::from(EX_UNAVAILABLE);
+                }
+            }
+        } else {
+            None
+        };
 
         let cancel = CancellationToken::new();
         let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
@@ -156,6 +169,15 @@ impl Daemon {
             subsystems.spawn(async move {
                 server.serve(context, cancel).await;
                 ("control", Ok(()))
+            });
+        }
+        if let Some(metrics) = metrics {
+            let (status, cancel) = (status.clone(), cancel.clone());
+            subsystems.spawn(async move {
+                (
+                    "metrics",
+                    metrics.serve(status, cancel).await.map_err(|e| e.to_string()),
+                )
             });
         }
         subsystems.spawn(publish_status(status.clone(), cancel.clone()));

@@ -35,7 +35,7 @@ fn every_bad_config_is_refused_with_file_line_and_key() {
     let base = base_dir.path().join("00-base.toml");
     std::fs::write(
         &base,
-        "[agent]\nstate_dir = \"state\"\n[control]\nsocket = \"c.sock\"\ngroup = \"\"\n[object_store.local]\npath = \"objects\"\n",
+        "[agent]\nstate_dir = \"state\"\n[control]\nsocket = \"c.sock\"\ngroup = \"\"\n[object_store.local]\npath = \"objects\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
     )
     .unwrap();
 

@@ -270,6 +270,7 @@ fn render_status(status: &Status) -> String {
                 status.control.socket, status.control.requests_served, status.control.requests_denied
             ),
             "object_store" => status.object_store.location.clone(),
+            "metrics" => format!("{} (scrapes {})", status.metrics.listen, status.metrics.scrapes),
             _ => String::new(),
         }
     };

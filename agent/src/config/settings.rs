@@ -15,6 +15,7 @@ pub struct Settings {
     pub agent: AgentSettings,
     pub control: ControlSettings,
     pub object_store: ObjectStoreSettings,
+    pub metrics: crate::metrics::MetricsSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -22,7 +23,7 @@ pub struct Settings {
 pub struct AgentSettings {
     pub state_dir: PathBuf,
     pub log_level: LogLevel,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
 }
 
@@ -89,7 +90,7 @@ pub struct ControlSettings {
     /// Empty means: do not change the socket's group.
     pub group: String,
     pub max_request_bytes: u64,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration")]
     pub request_timeout: Duration,
 }
 
@@ -174,7 +175,7 @@ impl Default for S3Settings {
 
 /// Durations are written the way operators write them in systemd units:
 /// "90s", "5min", "1h 30m".
-pub(crate) mod humantime_serde_compat {
+pub mod duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};

@@ -95,6 +95,10 @@ pub(super) fn validate(config: &LoadedConfig) -> Result<(), ConfigErrors> {
         },
     }
 
+    for (key, message) in s.metrics.validate() {
+        fail(&format!("metrics.{key}"), message);
+    }
+
     if errors.is_empty() {
         Ok(())
     } else {

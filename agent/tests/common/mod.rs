@@ -54,7 +54,8 @@ impl Daemon {
             config_dir.join("00-base.toml"),
             "[agent]\nstate_dir = \"../state\"\nshutdown_timeout = \"10s\"\n\
              [control]\nsocket = \"../control.sock\"\ngroup = \"\"\nrequest_timeout = \"2s\"\n\
-             [object_store.local]\npath = \"../objects\"\n",
+             [object_store.local]\npath = \"../objects\"\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\ntextfile_dir = \"../textfile\"\n",
         )
         .unwrap();
         std::fs::write(config_dir.join("50-test.toml"), extra).unwrap();
