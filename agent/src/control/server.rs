@@ -55,7 +55,7 @@ pub enum ControlError {
     BadRequest(String),
     #[error("request refused: {0}")]
     Frame(#[from] FrameError),
-    #[error("request `{request}` changes state and is for root only (peer uid {uid})")]
+    #[error("permission denied: request `{request}` changes state and is for root only (peer uid {uid})")]
     PermissionDenied { request: &'static str, uid: u32 },
     #[error("configuration refused, still running on the previous one: {0}")]
     ReloadRefused(String),
