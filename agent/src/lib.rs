@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod fsutil;
 pub mod logging;
 pub mod metrics;
 pub mod objstore;
@@ -11,3 +12,4 @@ pub mod status;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
+pub mod volume;

@@ -192,8 +192,19 @@ pub struct EffectiveEntry {
 }
 
 impl LoadedConfig {
+    /// Where `key` was set. Keys inside arrays (`volume.directories[1].mode`)
+    /// resolve to the array, which is set as a whole.
     pub fn origin(&self, key: &str) -> Origin {
-        self.provenance.get(key).cloned().unwrap_or(Origin::BuiltIn)
+        let mut key = key;
+        loop {
+            if let Some(origin) = self.provenance.get(key) {
+                return origin.clone();
+            }
+            match key.rfind(['.', '[']) {
+                Some(cut) => key = &key[..cut],
+                None => return Origin::BuiltIn,
+            }
+        }
     }
 
     /// Every leaf key of the effective configuration with the file that set it.

@@ -16,6 +16,7 @@ pub struct Settings {
     pub control: ControlSettings,
     pub object_store: ObjectStoreSettings,
     pub metrics: crate::metrics::MetricsSettings,
+    pub volume: crate::volume::VolumeSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

@@ -95,6 +95,9 @@ pub(super) fn validate(config: &LoadedConfig) -> Result<(), ConfigErrors> {
         },
     }
 
+    for (key, message) in s.volume.validate() {
+        fail(&format!("volume.{key}"), message);
+    }
     for (key, message) in s.metrics.validate() {
         fail(&format!("metrics.{key}"), message);
     }

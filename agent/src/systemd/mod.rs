@@ -1,5 +1,11 @@
-//! Talking to systemd. For now the service-manager notification protocol;
-//! D-Bus proxies for systemd1 and login1 join when the K3s and volume
-//! subsystems need them.
+//! Talking to systemd: the notify protocol, and D-Bus (systemd1 for units,
+//! login1 for the shutdown delay lock), each behind a trait with a sim
+//! implementation for runs without systemd.
 
+pub mod dbus;
+pub mod login;
+pub mod manager;
 pub mod notify;
+
+pub use login::{DelayLock, LogindInhibitor, ShutdownInhibitor, SimInhibitor};
+pub use manager::{DbusManager, ServiceManager, SimManager, SystemdError, UnitState};
