@@ -27,6 +27,16 @@ pub mod ids {
     pub const CONTROL_DENIED: &str = "6607ab9a92844f74a10dbcf63a0e677b";
     pub const CONTROL_BAD_REQUEST: &str = "d02b09899e874c078beb39858b397ed0";
     pub const WATCHDOG_CHECK_FAILED: &str = "8eac46b3a4f640bd9488c0be5365426b";
+    pub const VOLUME_READY: &str = "586ab27a954a47589e68fa15b0a4fc76";
+    pub const VOLUME_NOT_READY: &str = "401ff5c470ab4ea89d49232f73ea7949";
+    pub const K3S_STARTED: &str = "bac07c7454bd42009e215e2b73f7a66d";
+    pub const K3S_FENCED: &str = "6affde2da35548efa0436c640d9442ab";
+    pub const K3S_READINESS: &str = "c877defee8814e30901aea3e63244b70";
+    pub const PLAN_STARTED: &str = "30ecbd4233274c7f8a3739eba05c4529";
+    pub const PLAN_STEP: &str = "2be9f09f68024447a51dbea476a515e1";
+    pub const UNMOUNT_REFUSED: &str = "d22a64575ba349d991aa1070496072d6";
+    pub const LEFTOVER_SIGNALLED: &str = "fddf48230739492fbdccd326ceb2d09b";
+    pub const PLAN_FINISHED: &str = "dd31fe7fea494a269392f9f3acf801f5";
 }
 
 /// Environment variable with `tracing` filter directives; beats the config.

@@ -89,6 +89,12 @@ pub struct Status {
     pub wal: Health,
     pub gitops: Health,
     pub metrics: MetricsStatus,
+    /// Details behind `mount` once a volume is configured.
+    pub volume: Option<crate::volume::VolumeStatus>,
+    /// Details behind `k3s` once K3s is managed.
+    pub k3s_status: Option<crate::k3s::K3sStatus>,
+    /// The shutdown plan's steps as last run (by this or the previous agent).
+    pub last_shutdown: Vec<crate::shutdown::StepReport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +192,9 @@ impl Status {
                 listen: String::new(),
                 scrapes: 0,
             },
+            volume: None,
+            k3s_status: None,
+            last_shutdown: Vec::new(),
         }
     }
 

@@ -19,10 +19,13 @@ use crate::config::{self, ConfigErrors, ConfigSources, LoadedConfig};
 use crate::control::{ControlContext, ControlServer, ReloadOutcome, ReloadRequest};
 use crate::logging::{self, ids, LogHandle};
 use crate::metrics::MetricsServer;
+use crate::node::{self, Node};
 use crate::objstore::{self, ObjectStore};
+use crate::shutdown::{self, OnAgentStop, Outcome, PlanContext, PlannedStep, Step, StepReport};
 use crate::status::{unix_now, AgentState, Health, Status, StatusHandle};
 use crate::store::Store;
 use crate::systemd::notify;
+use crate::systemd::{DelayLock, LogindInhibitor, ShutdownInhibitor, SimInhibitor};
 
 /// sysexits.h: the configuration is wrong; systemd must not restart us.
 pub const EX_CONFIG: u8 = 78;
@@ -133,6 +136,21 @@ impl Daemon {
             }
         }
 
+        let node = match Node::build(&settings, status.clone()).await {
+            Ok(node) => Arc::new(node),
+            Err(err) => {
+                error!(key = "k3s.backend", error = %err, "cannot reach systemd for the volume and K3s");
+                let _ = store.finish_run(run_id, &format!("failed: {err}")).await;
+                return ExitCode::from(EX_UNAVAILABLE);
+            }
+        };
+        let planned = shutdown::plan(&settings);
+        let (delay_lock, mut shutdown_announced) = take_delay_lock(&settings, &planned).await;
+        match store.last_shutdown().await {
+            Ok(steps) => status.update(|s| s.last_shutdown = steps),
+            Err(err) => warn!(error = %err, "cannot read the last shutdown from the state store"),
+        }
+
         let server = match ControlServer::bind(&settings.control) {
             Ok(server) => server,
             Err(err) => {
@@ -180,6 +198,10 @@ impl Daemon {
                 )
             });
         }
+        if !node.is_empty() {
+            let (node, cancel) = (node.clone(), cancel.clone());
+            subsystems.spawn(async move { ("node", node.run(cancel).await) });
+        }
         subsystems.spawn(publish_status(status.clone(), cancel.clone()));
         if let Some(interval) = notify::watchdog_interval() {
             subsystems.spawn(feed_watchdog(store.clone(), interval, cancel.clone()));
@@ -202,10 +224,13 @@ impl Daemon {
             "platform-agent ready"
         );
 
-        let (reason, failed) = loop {
+        let (reason, failed, system_shutdown) = loop {
             tokio::select! {
-                _ = signals.term.recv() => break ("stopped by SIGTERM".to_string(), false),
-                _ = signals.int.recv() => break ("stopped by SIGINT".to_string(), false),
+                _ = signals.term.recv() => break ("stopped by SIGTERM".to_string(), false, false),
+                _ = signals.int.recv() => break ("stopped by SIGINT".to_string(), false, false),
+                Some(()) = shutdown_announced.recv() => {
+                    break ("the system is shutting down (logind PrepareForShutdown)".to_string(), false, true)
+                }
                 _ = signals.hup.recv() => { let _ = daemon.reload(); }
                 Some(request) = reload_rx.recv() => {
                     let _ = request.reply.send(daemon.reload());
@@ -217,7 +242,7 @@ impl Daemon {
                     };
                     let detail = match &result { Ok(()) => "ended".to_string(), Err(e) => format!("failed: {e}") };
                     error!(message_id = ids::SUBSYSTEM_EXITED, subsystem = name, "subsystem {name} {detail}; shutting down");
-                    break (format!("subsystem {name} {detail}"), result.is_err());
+                    break (format!("subsystem {name} {detail}"), result.is_err(), false);
                 }
             }
         };
@@ -225,14 +250,76 @@ impl Daemon {
         info!(message_id = ids::SHUTDOWN_STARTED, reason = %reason, "orderly shutdown: {reason}");
         let _ = status.set_agent_state(AgentState::Stopping);
         notify::stopping(&status.snapshot().summary_line());
+        // Step 1 of the plan: no new work, running work finishes or is aborted.
+        let run_plan = system_shutdown || settings.shutdown.on_agent_stop == OnAgentStop::RunPlan;
+        if run_plan {
+            info!(message_id = ids::PLAN_STARTED, trigger = %reason, steps = planned.len(), "running the shutdown plan");
+        }
+        let started = std::time::Instant::now();
         cancel.cancel();
         let deadline = settings.agent.shutdown_timeout;
-        if tokio::time::timeout(deadline, async { while subsystems.join_next().await.is_some() {} })
+        let stop_jobs = match tokio::time::timeout(deadline, async { while subsystems.join_next().await.is_some() {} })
             .await
-            .is_err()
         {
-            warn!(deadline = %humantime::format_duration(deadline), "subsystems did not stop in time; aborting them");
-            subsystems.shutdown().await;
+            Ok(()) => Outcome::Done,
+            Err(_) => {
+                warn!(deadline = %humantime::format_duration(deadline), "subsystems did not stop in time; aborting them");
+                subsystems.shutdown().await;
+                Outcome::TimedOut
+            }
+        };
+        let mut reports = Vec::new();
+        if run_plan {
+            let report = StepReport {
+                step: Step::StopJobs,
+                outcome: stop_jobs,
+                duration_ms: started.elapsed().as_millis() as u64,
+            };
+            shutdown::log_step(&report, planned[0].deadline_ms);
+            reports.push(report);
+            let report = StepReport {
+                step: Step::FlushWal,
+                outcome: Outcome::Skipped {
+                    reason: planned[1].skip.clone().unwrap_or_default(),
+                },
+                duration_ms: 0,
+            };
+            shutdown::log_step(&report, planned[1].deadline_ms);
+            reports.push(report);
+            let context = PlanContext {
+                k3s: node.k3s.as_ref(),
+                volume: node.volume.as_ref(),
+                status: &status,
+            };
+            reports.extend(shutdown::execute(&planned, &context).await);
+        } else {
+            info!("shutdown.on_agent_stop = leave-running: K3s and /data are left as they are");
+        }
+        let released = std::time::Instant::now();
+        drop(delay_lock);
+        if run_plan {
+            let report = StepReport {
+                step: Step::ReleaseInhibitor,
+                outcome: Outcome::Done,
+                duration_ms: released.elapsed().as_millis() as u64,
+            };
+            shutdown::log_step(&report, planned.last().map_or(0, |p| p.deadline_ms));
+            reports.push(report);
+            let failed_steps = reports
+                .iter()
+                .filter(|r| matches!(r.outcome, Outcome::Failed { .. } | Outcome::TimedOut))
+                .count();
+            info!(
+                message_id = ids::PLAN_FINISHED,
+                duration_ms = started.elapsed().as_millis() as u64,
+                failed_steps,
+                "shutdown plan finished in {} ms, {failed_steps} steps failed",
+                started.elapsed().as_millis()
+            );
+            if let Err(err) = store.record_shutdown(run_id, &reports).await {
+                warn!(error = %err, "cannot record the shutdown steps");
+            }
+            status.update(|s| s.last_shutdown = reports);
         }
         if let Err(err) = store.finish_run(run_id, &reason).await {
             warn!(error = %err, "cannot record the stop in the state store");
@@ -333,6 +420,45 @@ async fn probe_object_store(store: &dyn ObjectStore, status: &StatusHandle) {
             .unwrap_or_default()
             .to_string();
     });
+}
+
+/// Holds logind's shutdown delay lock when the agent manages real things;
+/// warns when logind's InhibitDelayMaxSec would cut the plan short.
+async fn take_delay_lock(
+    settings: &crate::config::Settings,
+    planned: &[PlannedStep],
+) -> (Option<DelayLock>, tokio::sync::mpsc::Receiver<()>) {
+    let fallback = || async {
+        let (lock, rx) = SimInhibitor.take().await.expect("the sim inhibitor cannot fail");
+        (Some(lock), rx)
+    };
+    if !node::needs_systemd(settings) {
+        return fallback().await;
+    }
+    let inhibitor = match LogindInhibitor::connect().await {
+        Ok(inhibitor) => inhibitor,
+        Err(err) => {
+            warn!(error = %err, "no logind: the shutdown plan runs on SIGTERM only");
+            return fallback().await;
+        }
+    };
+    let needed = shutdown::total_deadline(planned);
+    match inhibitor.max_delay().await {
+        Ok(max) if max < needed => warn!(
+            inhibit_delay_max = %humantime::format_duration(max),
+            plan = %humantime::format_duration(needed),
+            "logind's InhibitDelayMaxSec is shorter than the shutdown plan; install the packaged logind drop-in or raise it"
+        ),
+        Ok(_) => {}
+        Err(err) => warn!(error = %err, "cannot read InhibitDelayMaxSec"),
+    }
+    match inhibitor.take().await {
+        Ok((lock, rx)) => (Some(lock), rx),
+        Err(err) => {
+            warn!(error = %err, "cannot take logind's shutdown delay lock; the plan runs on SIGTERM only");
+            fallback().await
+        }
+    }
 }
 
 /// Keeps systemd's STATUS= in step with the status model.

@@ -54,6 +54,12 @@ enum Command {
     Reload,
     /// Print the version of this binary and of the running agent.
     Version,
+    /// Print the ordered shutdown plan with each step's deadline, without running it.
+    ShutdownPlan {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check or show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -199,6 +205,31 @@ fn client_command(global: &GlobalArgs, sources: &ConfigSources, command: Command
                 Err(err) => Err(err),
             }
         }
+        Command::ShutdownPlan { json } => {
+            let steps = match call(global, sources, Request::ShutdownPlan) {
+                Ok(Response::ShutdownPlan { steps }) => steps,
+                Ok(other) => return Err(unexpected(other)),
+                Err(ClientError::NotRunning { path, .. }) => {
+                    eprintln!(
+                        "note: no agent answers on {}; showing the plan for the configuration files",
+                        path.display()
+                    );
+                    let loaded = config::load(sources).map_err(|errors| ClientError::Refused {
+                        request: "shutdown-plan",
+                        code: ErrorCode::ConfigInvalid,
+                        message: errors.to_string(),
+                    })?;
+                    crate::shutdown::plan(&loaded.settings)
+                }
+                Err(err) => return Err(err),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&steps).expect("plan serializes"));
+            } else {
+                print!("{}", render_plan(&steps));
+            }
+            Ok(())
+        }
         Command::Config(ConfigCommand::Show { effective: _, json }) => {
             let (files, entries) = match call(global, sources, Request::ConfigShow) {
                 Ok(Response::Config { files, entries }) => (files, entries),
@@ -234,6 +265,27 @@ fn client_command(global: &GlobalArgs, sources: &ConfigSources, command: Command
         }
         Command::Run | Command::Config(ConfigCommand::Check { .. }) => unreachable!("handled in main"),
     }
+}
+
+fn render_plan(steps: &[crate::shutdown::PlannedStep]) -> String {
+    let mut out = String::from(
+        "ordered shutdown plan (on poweroff, and on agent stop unless shutdown.on_agent_stop = \"leave-running\"):\n",
+    );
+    for (i, step) in steps.iter().enumerate() {
+        let deadline = humantime::format_duration(Duration::from_millis(step.deadline_ms)).to_string();
+        let mut line = format!("  {}. {:<18} deadline {:>6}", i + 1, step.step.as_str(), deadline);
+        if let Some(skip) = &step.skip {
+            line.push_str(&format!("  (skipped: {skip})"));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let total = crate::shutdown::total_deadline(steps);
+    out.push_str(&format!(
+        "  total at most {}; logind's InhibitDelayMaxSec must cover it\n",
+        humantime::format_duration(total)
+    ));
+    out
 }
 
 fn render_effective(files: &[String], entries: &[EffectiveEntry]) -> String {

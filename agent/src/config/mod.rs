@@ -9,8 +9,9 @@
 //! and a later file overrides single keys of an earlier one. Tables merge key
 //! by key; any other value, arrays included, is replaced whole.
 //!
-//! Keys that name a path (`path`, `socket`, `*_dir`, `*_file`, `*_path`) may be
-//! relative; they are resolved against the directory of the file that set them.
+//! Keys that name a path (`path`, `socket`, `mount_point`, `device`,
+//! `config_dropin`, `*_dir`, `*_file`, `*_path`) may be relative; they are
+//! resolved against the directory of the file that set them.
 
 mod settings;
 mod validate;
@@ -415,7 +416,10 @@ fn merge_tables(base: &mut toml::Table, overlay: toml::Table) {
 }
 
 fn is_path_key(key: &str) -> bool {
-    key == "path" || key == "socket" || key.ends_with("_dir") || key.ends_with("_file") || key.ends_with("_path")
+    matches!(key, "path" | "socket" | "mount_point" | "device" | "config_dropin")
+        || key.ends_with("_dir")
+        || key.ends_with("_file")
+        || key.ends_with("_path")
 }
 
 fn resolve_relative_paths(table: &mut toml::Table, base: &Path) {

@@ -17,23 +17,34 @@ pub struct Settings {
     pub object_store: ObjectStoreSettings,
     pub metrics: crate::metrics::MetricsSettings,
     pub volume: crate::volume::VolumeSettings,
+    pub k3s: crate::k3s::K3sSettings,
+    pub shutdown: crate::shutdown::ShutdownSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentSettings {
     pub state_dir: PathBuf,
+    /// Where the agent writes the units and drop-ins it generates (the /data
+    /// mount unit, K3s's RequiresMountsFor= drop-in). Under /etc so that the
+    /// fence holds at boot before the agent runs.
+    pub unit_dir: PathBuf,
     pub log_level: LogLevel,
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// How often the volume and K3s are checked (the fence's reaction time).
+    #[serde(with = "duration")]
+    pub check_interval: Duration,
 }
 
 impl Default for AgentSettings {
     fn default() -> Self {
         Self {
             state_dir: PathBuf::from("/var/lib/platform-agent"),
+            unit_dir: PathBuf::from("/etc/systemd/system"),
             log_level: LogLevel::Info,
-            shutdown_timeout: Duration::from_secs(150),
+            shutdown_timeout: Duration::from_secs(30),
+            check_interval: Duration::from_secs(5),
         }
     }
 }

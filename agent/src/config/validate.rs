@@ -95,6 +95,12 @@ pub(super) fn validate(config: &LoadedConfig) -> Result<(), ConfigErrors> {
         },
     }
 
+    for (key, message) in s.k3s.validate() {
+        fail(&format!("k3s.{key}"), message);
+    }
+    if s.k3s.enabled && s.volume.enabled && (s.k3s.backend == crate::k3s::K3sBackendKind::Sim) != (s.volume.backend == crate::volume::VolumeBackendKind::Sim) {
+        fail("k3s.backend", "k3s.backend and volume.backend must both be sim or both real".into());
+    }
     for (key, message) in s.volume.validate() {
         fail(&format!("volume.{key}"), message);
     }

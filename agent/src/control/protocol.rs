@@ -24,6 +24,8 @@ pub enum Request {
     ConfigShow,
     /// Re-read the configuration (same as SIGHUP) and answer whether it took.
     Reload,
+    /// The ordered shutdown plan with each step's deadline; changes nothing.
+    ShutdownPlan,
 }
 
 /// Who may make a request: members of the socket's group may read, only
@@ -37,7 +39,9 @@ pub enum Access {
 impl Request {
     pub fn access(&self) -> Access {
         match self {
-            Request::Ping | Request::Version | Request::Status | Request::ConfigShow => Access::Read,
+            Request::Ping | Request::Version | Request::Status | Request::ConfigShow | Request::ShutdownPlan => {
+                Access::Read
+            }
             Request::Reload => Access::Change,
         }
     }
@@ -49,6 +53,7 @@ impl Request {
             Request::Status => "status",
             Request::ConfigShow => "config-show",
             Request::Reload => "reload",
+            Request::ShutdownPlan => "shutdown-plan",
         }
     }
 }
@@ -71,6 +76,9 @@ pub enum Response {
     Reloaded {
         generation: u64,
         files: Vec<String>,
+    },
+    ShutdownPlan {
+        steps: Vec<crate::shutdown::PlannedStep>,
     },
     Error {
         code: ErrorCode,
@@ -136,6 +144,7 @@ mod tests {
             Request::Status,
             Request::ConfigShow,
             Request::Reload,
+            Request::ShutdownPlan,
         ] {
             let frame = encode_frame(&request);
             let len = frame_len(frame[..4].try_into().unwrap(), 1024).unwrap();

@@ -126,6 +126,9 @@ impl ControlContext {
                     entries: config.effective(),
                 })
             }
+            Request::ShutdownPlan => Ok(Response::ShutdownPlan {
+                steps: crate::shutdown::plan(&self.config.borrow().settings),
+            }),
             Request::Reload => {
                 let (reply, outcome) = oneshot::channel();
                 self.reload

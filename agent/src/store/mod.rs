@@ -23,6 +23,13 @@ const MIGRATIONS: &[&str] = &[
         version TEXT NOT NULL,
         outcome TEXT
     );",
+    // 2: the shutdown plan's steps as each run executed them.
+    "CREATE TABLE shutdown_steps (
+        run_id INTEGER NOT NULL REFERENCES agent_runs(id),
+        position INTEGER NOT NULL,
+        report TEXT NOT NULL,
+        PRIMARY KEY (run_id, position)
+    );",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +158,38 @@ impl Store {
             .map(drop)
         })
         .await
+    }
+
+    pub async fn record_shutdown(&self, run: RunId, steps: &[crate::shutdown::StepReport]) -> Result<(), StoreError> {
+        let rows: Vec<String> = steps
+            .iter()
+            .map(|s| serde_json::to_string(s).expect("step report serializes"))
+            .collect();
+        self.call("record shutdown steps", move |conn| {
+            let tx = conn.transaction()?;
+            for (position, report) in rows.iter().enumerate() {
+                tx.execute(
+                    "INSERT OR REPLACE INTO shutdown_steps (run_id, position, report) VALUES (?1, ?2, ?3)",
+                    params![run, position as i64, report],
+                )?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    /// The steps of the most recent run that recorded a shutdown.
+    pub async fn last_shutdown(&self) -> Result<Vec<crate::shutdown::StepReport>, StoreError> {
+        let rows: Vec<String> = self
+            .call("read shutdown steps", |conn| {
+                let mut stmt = conn.prepare(
+                    "SELECT report FROM shutdown_steps WHERE run_id = (SELECT max(run_id) FROM shutdown_steps) ORDER BY position",
+                )?;
+                let rows = stmt.query_map([], |row| row.get(0))?;
+                rows.collect()
+            })
+            .await?;
+        Ok(rows.iter().filter_map(|r| serde_json::from_str(r).ok()).collect())
     }
 
     /// A cheap proof that the database answers; the watchdog pings systemd
