@@ -10,7 +10,9 @@ section() { printf '\n==> %s\n' "$*"; }
 
 section "fixtures"
 bash tests/fixtures/install.sh
+bash tests/fixtures/install-metrics-peers.sh
 bash tests/system/install-deps.sh
+bash packaging/install-tools.sh
 
 section "format and lints"
 cargo fmt --all -- --check

@@ -1,6 +1,7 @@
 //! platform-agent: the host-level caretaker of a single-node K3s server.
 //! The binary is a thin shell over this library (see `cli`).
 
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -95,6 +95,52 @@ pub struct Status {
     pub k3s_status: Option<crate::k3s::K3sStatus>,
     /// The shutdown plan's steps as last run (by this or the previous agent).
     pub last_shutdown: Vec<crate::shutdown::StepReport>,
+    /// One entry per configured backup job; `backups` summarises them.
+    #[serde(default)]
+    pub backup_jobs: Vec<BackupJobStatus>,
+}
+
+/// The outcome of a backup job's last run, as the metrics export it
+/// (`platform_agent_backup_last_result{kind,result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupResult {
+    Success,
+    Failure,
+    Running,
+}
+
+impl BackupResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupResult::Success => "success",
+            BackupResult::Failure => "failure",
+            BackupResult::Running => "running",
+        }
+    }
+}
+
+/// What operators and the metrics need of one backup job. Times are Unix
+/// seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupJobStatus {
+    pub job: String,
+    /// postgres, vault, k3s, files: the metrics' `kind` label.
+    pub kind: String,
+    pub schedule: String,
+    pub next_run: Option<u64>,
+    pub running_since: Option<u64>,
+    /// None until the job has run once.
+    pub last_result: Option<BackupResult>,
+    pub last_run_at: Option<u64>,
+    pub last_success_at: Option<u64>,
+    /// Duration of the last finished run, whatever its result.
+    pub last_duration_ms: Option<u64>,
+    /// Bytes stored by the last successful run (all its objects).
+    pub last_bytes: Option<u64>,
+    pub last_error: Option<String>,
+    /// Backups of this job with an object (uploaded or verified).
+    pub backups: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +241,7 @@ impl Status {
             volume: None,
             k3s_status: None,
             last_shutdown: Vec::new(),
+            backup_jobs: Vec::new(),
         }
     }
 

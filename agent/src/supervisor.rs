@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::backup::BackupService;
 use crate::config::{self, ConfigErrors, ConfigSources, LoadedConfig};
 use crate::control::{ControlContext, ControlServer, ReloadOutcome, ReloadRequest};
 use crate::logging::{self, ids, LogHandle};
@@ -62,7 +63,11 @@ pub fn run(sources: ConfigSources) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(Daemon::start(sources, loaded, log))
+    let code = runtime.block_on(Daemon::start(sources, loaded, log));
+    // A blocking task that does not end (a source stuck in a read) must not
+    // keep the stopped agent alive.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    code
 }
 
 fn report_config_errors(errors: &ConfigErrors, what: &str) {
@@ -127,14 +132,53 @@ impl Daemon {
             }
         };
 
-        match objstore::open(&settings.object_store) {
-            Ok(store) => probe_object_store(store.as_ref(), &status).await,
+        // The catalog doubles as the S3 multipart journal, so that uploads a
+        // crash interrupts can be aborted at the next start.
+        let catalog = Arc::new(crate::backup::Catalog::new(store.clone()));
+        let open_options = objstore::OpenOptions {
+            journal: Some(catalog),
+            part_size: (settings.backup.part_size_mib as usize) * 1024 * 1024,
+        };
+        let objects = match objstore::open(&settings.object_store, open_options) {
+            Ok(objects) => {
+                probe_object_store(objects.as_ref(), &status).await;
+                objects
+            }
             Err(err) => {
                 error!(key = "object_store.backend", error = %err, "object store unusable");
                 let _ = store.finish_run(run_id, &format!("refused: {err}")).await;
                 return ExitCode::from(EX_CONFIG);
             }
-        }
+        };
+        let k3s_running: Arc<dyn Fn() -> bool + Send + Sync> = {
+            let status = status.clone();
+            Arc::new(move || {
+                status
+                    .snapshot()
+                    .k3s_status
+                    .is_some_and(|k| k.tier != crate::k3s::ReadyTier::Stopped)
+            })
+        };
+        let backup = match BackupService::new(
+            &settings.backup,
+            store.clone(),
+            objects.clone(),
+            status.clone(),
+            Some(run_id),
+            k3s_running,
+        ) {
+            Ok(service) => Some(service),
+            Err(err) => {
+                // Not fatal: the node's other duties go on; status says why.
+                error!(error = %err, "the backup subsystem cannot start");
+                status.update(|s| {
+                    s.backups = Health::Failed {
+                        reason: err.to_string(),
+                    }
+                });
+                None
+            }
+        };
 
         let node = match Node::build(&settings, status.clone()).await {
             Ok(node) => Arc::new(node),
@@ -181,6 +225,7 @@ impl Daemon {
             config: config_rx,
             reload: reload_tx,
             daemon_uid: nix::unistd::geteuid().as_raw(),
+            backup: backup.clone(),
         });
         {
             let cancel = cancel.clone();
@@ -201,6 +246,15 @@ impl Daemon {
         if !node.is_empty() {
             let (node, cancel) = (node.clone(), cancel.clone());
             subsystems.spawn(async move { ("node", node.run(cancel).await) });
+        }
+        if let Some(backup) = backup {
+            // Stops with the plan's stop-jobs step: running uploads are
+            // aborted (multipart aborted, catalog row failed).
+            let cancel = cancel.clone();
+            subsystems.spawn(async move {
+                backup.recover().await;
+                ("backup", backup.run(cancel).await)
+            });
         }
         subsystems.spawn(publish_status(status.clone(), cancel.clone()));
         if let Some(interval) = notify::watchdog_interval() {
@@ -251,7 +305,11 @@ impl Daemon {
         let _ = status.set_agent_state(AgentState::Stopping);
         notify::stopping(&status.snapshot().summary_line());
         // Step 1 of the plan: no new work, running work finishes or is aborted.
-        let run_plan = system_shutdown || settings.shutdown.on_agent_stop == OnAgentStop::RunPlan;
+        let in_place = !system_shutdown && take_restart_in_place_marker(&settings.control.socket);
+        let run_plan = system_shutdown || (settings.shutdown.on_agent_stop == OnAgentStop::RunPlan && !in_place);
+        if in_place {
+            info!("restart in place requested (package upgrade): K3s and /data are left as they are");
+        }
         if run_plan {
             info!(message_id = ids::PLAN_STARTED, trigger = %reason, steps = planned.len(), "running the shutdown plan");
         }
@@ -372,7 +430,7 @@ fn restart_only_changes(old: &LoadedConfig, new: &LoadedConfig) -> Vec<String> {
         config.effective().into_iter().map(|e| (e.key, e.value)).collect()
     };
     let (old, new) = (values(old), values(new));
-    let restart_prefixes = ["control.", "agent.state_dir", "object_store."];
+    let restart_prefixes = ["control.", "agent.state_dir", "object_store.", "backup.", "metrics."];
     new.iter()
         .filter(|(key, value)| old.get(*key) != Some(value) && restart_prefixes.iter().any(|p| key.starts_with(p)))
         .map(|(key, _)| key.clone())
@@ -420,6 +478,24 @@ async fn probe_object_store(store: &dyn ObjectStore, status: &StatusHandle) {
             .unwrap_or_default()
             .to_string();
     });
+}
+
+/// The package's maintainer scripts create this file right before
+/// `systemctl restart` on upgrade, so that an upgrade restarts only the agent
+/// and does not stop K3s or unmount /data. Honoured once, and only if fresh.
+pub const RESTART_IN_PLACE_MARKER: &str = "restart-in-place";
+
+fn take_restart_in_place_marker(socket: &std::path::Path) -> bool {
+    let Some(marker) = socket.parent().map(|dir| dir.join(RESTART_IN_PLACE_MARKER)) else {
+        return false;
+    };
+    let fresh = std::fs::metadata(&marker)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < Duration::from_secs(120));
+    let _ = std::fs::remove_file(&marker);
+    fresh
 }
 
 /// Holds logind's shutdown delay lock when the agent manages real things;

@@ -258,3 +258,60 @@ fn peer_credentials_decide_who_may_read_and_who_may_change() {
     assert!(root_reload.status.success());
     assert_eq!(daemon.status_json()["config"]["generation"], 2);
 }
+
+const SIM_NODE: &str = "[agent]\ncheck_interval = \"200ms\"\n\
+    [volume]\nenabled = true\nbackend = \"sim\"\nlabel = \"data\"\nmount_point = \"../data\"\n\
+    [[volume.directories]]\npath = \"k3s-storage\"\nmode = \"0711\"\n\
+    [k3s]\nenabled = true\nbackend = \"sim\"\n";
+
+#[test]
+fn sigterm_runs_the_shutdown_plan_in_order() {
+    let mut daemon = Daemon::start(SIM_NODE);
+    wait_for("sim volume and K3s up", SECS_20, || {
+        let status = daemon.status_json();
+        (status["volume"]["mount_state"]["state"] == "mounted" && status["k3s_status"]["tier"] == "unit-active")
+            .then_some(())
+    });
+    assert!(daemon.path("data/k3s-storage").is_dir());
+    daemon.signal(Signal::SIGTERM);
+    let (status, stderr) = daemon.wait_exit(SECS_20);
+    assert!(status.success(), "{stderr}");
+    let order: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| l.split("shutdown step ").nth(1))
+        .filter_map(|rest| rest.split(':').next())
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "stop-jobs",
+            "flush-wal",
+            "stop-k3s",
+            "clean-leftovers",
+            "sync",
+            "unmount-data",
+            "release-inhibitor"
+        ],
+        "{stderr}"
+    );
+    assert!(stderr.contains("shutdown step unmount-data: done"), "{stderr}");
+
+    // The next start reports the steps of this shutdown.
+    daemon.restart();
+    let last = daemon.status_json()["last_shutdown"].clone();
+    assert_eq!(last.as_array().map(Vec::len), Some(7), "{last}");
+    assert_eq!(last[5]["step"], "unmount-data");
+    assert_eq!(last[5]["outcome"], "done");
+}
+
+#[test]
+fn a_fresh_restart_in_place_marker_skips_the_plan_once() {
+    let mut daemon = Daemon::start(SIM_NODE);
+    std::fs::write(daemon.path("restart-in-place"), b"").unwrap();
+    daemon.signal(Signal::SIGTERM);
+    let (status, stderr) = daemon.wait_exit(SECS_20);
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("restart in place requested"), "{stderr}");
+    assert!(!stderr.contains("shutdown step stop-k3s"), "{stderr}");
+    assert!(!daemon.path("restart-in-place").exists(), "the marker is used once");
+}

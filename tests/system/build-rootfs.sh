@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the Debian bookworm root that system tests boot with systemd-nspawn,
-# and prints its path. The root is cached under a name that contains a hash of
+# Builds the Debian bookworm root that system tests boot, and prints its path.
+# The nspawn backend boots it as it is; build-vm-image.sh turns a copy of it
+# into the VM backend's disk image (one mmdebstrap run serves both backends). The root is cached under a name that contains a hash of
 # this script, so editing the package list or the tweaks below is enough to get
 # a fresh build; an unchanged script reuses the cache (tests never write to it:
 # lib.sh boots it behind a throwaway overlay).
@@ -15,9 +16,13 @@ suite=bookworm
 # What the tests need inside the guest, nothing more: systemd as init with
 # D-Bus (logind, systemctl over the bus), jq to read `status --json` and
 # `journalctl -o json`, e2fsprogs for the disk checks, procps to look around
-# in a failed test (ps, pgrep). util-linux (mount, runuser) and passwd
-# (useradd) already come with minbase.
+# in a failed test (ps, pgrep). util-linux (mount, findmnt, runuser) and passwd
+# (useradd) already come with minbase. For the VM backend only (unused, and
+# harmless, in a container): a kernel with its initramfs, udev for
+# /dev/disk/by-*, sshd to drive the guest and iproute2 to give it an address,
+# and python3-minimal for the K3s stand-in (k3s-standin/, stdlib only).
 packages=systemd-sysv,dbus,procps,jq,e2fsprogs
+packages+=,linux-image-amd64,initramfs-tools,udev,kmod,openssh-server,iproute2,python3-minimal
 
 self="$(readlink -f "${BASH_SOURCE[0]}")"
 cache_root="${PLATFORM_AGENT_FIXTURES:-/var/cache/platform-agent-fixtures}"
@@ -108,9 +113,29 @@ rm -rf "$tmp"
 log "building $rootfs from:"
 sed 's/^/build-rootfs:   /' <<<"$sources" >&2
 start=$SECONDS
+# The initramfs hook behind MODULES=list (see the hooks below): the modules to
+# find and mount a root filesystem on a virtio disk, loaded at once, and the
+# virtio NIC's, so eth0 exists before systemd starts (the VM configures it
+# without waiting for udev's coldplug).
+# shellcheck disable=SC2016 # a script: expanded when it runs
+export PA_INITRAMFS_HOOK='#!/bin/sh
+[ "$1" = prereqs ] && exit 0
+. /usr/share/initramfs-tools/hook-functions
+for module in virtio_pci virtio_blk ext4 virtio_net; do force_load "$module"; done'
 # The hooks are shell code run by mmdebstrap with $1 = the new root.
 # shellcheck disable=SC2016
 hooks=(
+    # The VM boots this kernel directly from a virtio disk: an initramfs with
+    # just the modules for that (MODULES=list plus this hook) is a fraction of
+    # the default one and unpacks much faster under software emulation.
+    # Written before the kernel package is installed, so its first
+    # update-initramfs already uses them; neither file belongs to a package.
+    --essential-hook='mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/etc/initramfs-tools/hooks"'
+    --essential-hook='echo MODULES=list >"$1/etc/initramfs-tools/conf.d/platform-agent-vm.conf"'
+    --essential-hook='printf "%s\n" "$PA_INITRAMFS_HOOK" >"$1/etc/initramfs-tools/hooks/platform-agent-vm"'
+    --essential-hook='chmod 0755 "$1/etc/initramfs-tools/hooks/platform-agent-vm"'
+    # sshd runs in the VM only (build-vm-image.sh enables it there).
+    --customize-hook='chroot "$1" systemctl disable ssh.service'
     # No fstab entries: the guest has no block devices of its own, and a
     # missing one would drop the boot into emergency mode.
     --customize-hook=': > "$1/etc/fstab"'

@@ -15,6 +15,13 @@ use crate::supervisor::{self, EX_CONFIG, EX_UNAVAILABLE};
 
 /// sysexits.h: permission denied.
 const EX_NOPERM: u8 = 77;
+/// sysexits.h: no such input (unknown job or backup).
+const EX_NOINPUT: u8 = 66;
+/// sysexits.h: cannot create output (a restore refused to overwrite a live
+/// target).
+const EX_CANTCREAT: u8 = 73;
+/// sysexits.h: temporary failure, try again (the job is busy).
+const EX_TEMPFAIL: u8 = 75;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -63,6 +70,92 @@ enum Command {
     /// Check or show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Backups: run a job now, list and show the catalog, prune, verify.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Restore a backup (root only): the newest, or one named by --id.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// Run a job now and wait for it (root only).
+    Now {
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the catalog, newest first.
+    List {
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one catalog entry.
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply retention now (root only), or with --dry-run show what it would keep and delete, and why.
+    Prune {
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read a backup back, check its SHA-256 and test-restore it to a scratch target (root only).
+    Verify {
+        /// Catalog id (default: the newest backup of --job).
+        id: Option<i64>,
+        #[arg(long)]
+        job: Option<String>,
+        /// Only read the object back and compare its checksum.
+        #[arg(long)]
+        checksum_only: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// What to restore: pg (postgres), vault, k3s or files.
+    #[arg(value_parser = parse_kind)]
+    kind: crate::backup::BackupKind,
+    /// The job, when several back up this kind.
+    #[arg(long)]
+    job: Option<String>,
+    /// A catalog id (see `backup list`).
+    #[arg(long, conflicts_with = "latest")]
+    id: Option<i64>,
+    /// The newest backup (the default).
+    #[arg(long)]
+    latest: bool,
+    /// PostgreSQL: which database's backup, when the job dumps several.
+    #[arg(long)]
+    database: Option<String>,
+    /// Where to restore: a database name (pg), a path (k3s: the state.db
+    /// file; files: a directory). Default: where it came from.
+    #[arg(long)]
+    target: Option<String>,
+    /// Overwrite a live target (an existing database, a running K3s, existing files; always needed for Vault).
+    #[arg(long)]
+    force: bool,
+    /// PostgreSQL: do not restore ownership and privileges.
+    #[arg(long)]
+    no_owner: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_kind(word: &str) -> Result<crate::backup::BackupKind, String> {
+    crate::backup::BackupKind::parse(word).ok_or_else(|| format!("{word:?}: expected pg, vault, k3s or files"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,7 +225,10 @@ fn client_exit_code(err: &ClientError) -> u8 {
             ErrorCode::PermissionDenied => EX_NOPERM,
             ErrorCode::ConfigInvalid => EX_CONFIG,
             ErrorCode::Unavailable => EX_UNAVAILABLE,
-            ErrorCode::BadRequest | ErrorCode::TooLarge => 1,
+            ErrorCode::NotFound => EX_NOINPUT,
+            ErrorCode::Busy => EX_TEMPFAIL,
+            ErrorCode::Refused => EX_CANTCREAT,
+            ErrorCode::BadRequest | ErrorCode::TooLarge | ErrorCode::Failed => 1,
         },
         ClientError::Io { .. } | ClientError::Protocol { .. } => 1,
     }
@@ -153,11 +249,306 @@ fn socket_path(global: &GlobalArgs, sources: &ConfigSources) -> PathBuf {
 fn call(global: &GlobalArgs, sources: &ConfigSources, request: Request) -> Result<Response, ClientError> {
     let path = socket_path(global, sources);
     // Reload re-reads every file and probes; give it longer than a read.
+    // Long requests send a progress frame at least every 5 s.
     let timeout = match request {
         Request::Reload => Duration::from_secs(60),
+        Request::BackupPrune { .. } => Duration::from_secs(300),
+        ref long if long.streams_progress() => Duration::from_secs(120),
         _ => Duration::from_secs(15),
     };
-    Client::connect(&path, timeout)?.call(&request)
+    let mut client = Client::connect(&path, timeout)?;
+    if request.streams_progress() {
+        let mut bar = ProgressBar::new();
+        let result = client.call_with_progress(&request, |report| bar.show(report));
+        bar.finish();
+        result
+    } else {
+        client.call(&request)
+    }
+}
+
+/// A one-line progress bar on stderr, drawn only on a terminal.
+struct ProgressBar {
+    tty: bool,
+    drawn: bool,
+}
+
+impl ProgressBar {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        ProgressBar {
+            tty: std::io::stderr().is_terminal(),
+            drawn: false,
+        }
+    }
+
+    fn show(&mut self, report: &crate::backup::ProgressReport) {
+        if !self.tty {
+            return;
+        }
+        let mut line = format!("{}: ", report.phase);
+        if report.total > 0 {
+            let fraction = (report.done as f64 / report.total as f64).clamp(0.0, 1.0);
+            let filled = (fraction * 30.0) as usize;
+            line.push_str(&format!(
+                "[{}{}] {:>3.0}% {} / {}",
+                "#".repeat(filled),
+                ".".repeat(30 - filled),
+                fraction * 100.0,
+                human_bytes(report.done),
+                human_bytes(report.total)
+            ));
+        } else {
+            line.push_str(&human_bytes(report.done));
+        }
+        eprint!("\r\x1b[2K{line}");
+        self.drawn = true;
+    }
+
+    fn finish(&mut self) {
+        if self.drawn {
+            eprintln!();
+        }
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!("{}", serde_json::to_string_pretty(value).expect("replies serialize"));
+}
+
+fn backup_command(global: &GlobalArgs, sources: &ConfigSources, command: BackupCommand) -> Result<(), ClientError> {
+    match command {
+        BackupCommand::Now { job, json } => match call(global, sources, Request::BackupNow { job })? {
+            Response::Backups { backups } if json => {
+                print_json(&backups);
+                Ok(())
+            }
+            Response::Backups { backups } => {
+                print!("{}", render_backups(&backups));
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        },
+        BackupCommand::List { job, limit, json } => {
+            match call(
+                global,
+                sources,
+                Request::BackupList {
+                    job,
+                    limit: Some(limit),
+                },
+            )? {
+                Response::Backups { backups } if json => {
+                    print_json(&backups);
+                    Ok(())
+                }
+                Response::Backups { backups } => {
+                    print!("{}", render_backups(&backups));
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        BackupCommand::Show { id, json } => match call(global, sources, Request::BackupShow { id })? {
+            Response::Backup { backup } if json => {
+                print_json(&backup);
+                Ok(())
+            }
+            Response::Backup { backup } => {
+                print!("{}", render_backup(&backup));
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        },
+        BackupCommand::Prune { job, dry_run, json } => {
+            match call(global, sources, Request::BackupPrune { job, dry_run })? {
+                Response::PrunePlan { decisions, .. } if json => {
+                    print_json(&decisions);
+                    Ok(())
+                }
+                Response::PrunePlan { dry_run, decisions } => {
+                    print!("{}", render_prune(dry_run, &decisions));
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        BackupCommand::Verify {
+            id,
+            job,
+            checksum_only,
+            json,
+        } => match call(
+            global,
+            sources,
+            Request::BackupVerify {
+                id,
+                job,
+                restore_test: !checksum_only,
+            },
+        )? {
+            Response::Verified { report } if json => {
+                print_json(&report);
+                Ok(())
+            }
+            Response::Verified { report } => {
+                println!("{}", report.summary);
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        },
+    }
+}
+
+fn restore_command(global: &GlobalArgs, sources: &ConfigSources, args: RestoreArgs) -> Result<(), ClientError> {
+    let request = Request::Restore(crate::backup::RestoreRequest {
+        kind: args.kind,
+        job: args.job,
+        id: args.id,
+        database: args.database,
+        target: args.target,
+        force: args.force,
+        no_owner: args.no_owner,
+    });
+    match call(global, sources, request)? {
+        Response::Restored { report } if args.json => {
+            print_json(&report);
+            Ok(())
+        }
+        Response::Restored { report } => {
+            println!(
+                "restored {} ({}) to {}: {}",
+                if report.id > 0 {
+                    format!("backup {}", report.id)
+                } else {
+                    "the newest object".to_string()
+                },
+                report.key,
+                report.target,
+                report.summary
+            );
+            Ok(())
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn format_ms(ms: i64) -> String {
+    crate::backup::format_time(ms)
+}
+
+fn render_backups(backups: &[crate::backup::BackupRecord]) -> String {
+    if backups.is_empty() {
+        return "no backups recorded\n".into();
+    }
+    let mut out = format!(
+        "{:>6}  {:<12} {:<12} {:<9} {:<21} {:>9} {:>10}  {}\n",
+        "ID", "JOB", "TARGET", "STATE", "STARTED", "DURATION", "SIZE", "KEY / ERROR"
+    );
+    for b in backups {
+        let duration = b
+            .duration_ms()
+            .map(|ms| humantime::format_duration(Duration::from_secs((ms / 1000).max(0) as u64)).to_string())
+            .unwrap_or_else(|| "-".into());
+        let size = b.bytes.map(human_bytes).unwrap_or_else(|| "-".into());
+        let detail = match (&b.error, &b.key) {
+            (Some(error), _) => error.replace('\n', " "),
+            (None, Some(key)) => key.clone(),
+            (None, None) => String::new(),
+        };
+        out.push_str(&format!(
+            "{:>6}  {:<12} {:<12} {:<9} {:<21} {:>9} {:>10}  {}\n",
+            b.id,
+            b.job,
+            b.target,
+            b.state.as_str(),
+            format_ms(b.started_ms),
+            duration,
+            size,
+            detail
+        ));
+    }
+    out
+}
+
+fn render_backup(b: &crate::backup::BackupRecord) -> String {
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let lines = [
+        ("id", b.id.to_string()),
+        ("job", b.job.clone()),
+        ("kind", b.kind.clone()),
+        ("target", b.target.clone()),
+        ("state", b.state.as_str().to_string()),
+        (
+            "trigger",
+            format!("{} (attempt {}, run {})", b.trigger, b.attempt, b.batch),
+        ),
+        ("key", opt(b.key.clone())),
+        ("started", format_ms(b.started_ms)),
+        ("finished", opt(b.finished_ms.map(format_ms))),
+        (
+            "stored",
+            opt(b.bytes.map(|n| format!("{} ({n} bytes)", human_bytes(n)))),
+        ),
+        (
+            "source bytes",
+            opt(b.raw_bytes.map(|n| format!("{} ({n} bytes)", human_bytes(n)))),
+        ),
+        ("sha256", opt(b.sha256.clone())),
+        ("source sha256", opt(b.raw_sha256.clone())),
+        ("encoding", format!("{}, encryption {}", b.compression, b.encryption)),
+        ("verified", opt(b.verified_ms.map(format_ms))),
+        (
+            "test restore",
+            opt(b
+                .tested_ms
+                .map(|t| format!("{}: {}", format_ms(t), b.test_result.clone().unwrap_or_default()))),
+        ),
+        ("pruned", opt(b.pruned_ms.map(format_ms))),
+        ("error", opt(b.error.clone())),
+    ];
+    lines.iter().map(|(k, v)| format!("{k:<14} {v}\n")).collect()
+}
+
+fn render_prune(dry_run: bool, decisions: &[crate::backup::Decision]) -> String {
+    use crate::backup::retention::Verdict;
+    if decisions.is_empty() {
+        return "no backups to consider\n".into();
+    }
+    let mut out = String::new();
+    if dry_run {
+        out.push_str("dry run: nothing is deleted\n");
+    }
+    for d in decisions {
+        let verdict = match (d.verdict, dry_run) {
+            (Verdict::Keep, _) => "keep",
+            (Verdict::Delete, true) => "delete",
+            (Verdict::Delete, false) => "deleted",
+        };
+        out.push_str(&format!(
+            "{verdict:<8} {:>6}  {}  {}  {}\n",
+            d.id,
+            format_ms(d.started_ms),
+            d.key,
+            d.reasons.join("; ")
+        ));
+    }
+    out
 }
 
 fn unexpected(response: Response) -> ClientError {
@@ -263,6 +654,8 @@ fn client_command(global: &GlobalArgs, sources: &ConfigSources, command: Command
             }
             Ok(())
         }
+        Command::Backup(command) => backup_command(global, sources, command),
+        Command::Restore(args) => restore_command(global, sources, args),
         Command::Run | Command::Config(ConfigCommand::Check { .. }) => unreachable!("handled in main"),
     }
 }
@@ -335,6 +728,34 @@ fn render_status(status: &Status) -> String {
             line = format!("  {:<13} {}", name, health.word());
         }
         out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    for job in &status.backup_jobs {
+        let result = job.last_result.map(|r| r.as_str()).unwrap_or("never ran");
+        let mut line = format!("    backup {:<12} {:<9}", job.job, result);
+        if let Some(at) = job.last_success_at {
+            let ago = crate::status::unix_now().saturating_sub(at);
+            line.push_str(&format!(
+                " last success {} ago",
+                humantime::format_duration(Duration::from_secs(ago))
+            ));
+        }
+        if let Some(bytes) = job.last_bytes {
+            line.push_str(&format!(", {}", human_bytes(bytes)));
+        }
+        if let Some(next) = job.next_run {
+            let until = next.saturating_sub(crate::status::unix_now());
+            line.push_str(&format!(
+                ", next in {}",
+                humantime::format_duration(Duration::from_secs(until))
+            ));
+        }
+        if job.last_result == Some(crate::status::BackupResult::Failure) {
+            if let Some(error) = &job.last_error {
+                line.push_str(&format!(": {}", error.replace('\n', " ")));
+            }
+        }
+        out.push_str(&line);
         out.push('\n');
     }
     out.push_str(&format!(

@@ -11,7 +11,8 @@
 //!
 //! Keys that name a path (`path`, `socket`, `mount_point`, `device`,
 //! `config_dropin`, `*_dir`, `*_file`, `*_path`) may be relative; they are
-//! resolved against the directory of the file that set them.
+//! resolved against the directory of the file that set them (inside
+//! `[[backup.jobs]]` too).
 
 mod settings;
 mod validate;
@@ -426,6 +427,16 @@ fn resolve_relative_paths(table: &mut toml::Table, base: &Path) {
     for (key, value) in table.iter_mut() {
         match value {
             toml::Value::Table(child) => resolve_relative_paths(child, base),
+            // Backup jobs are tables in an array; their paths are files on
+            // this machine like any other. (`volume.directories[].path` is
+            // relative to the mount point on purpose and stays as written.)
+            toml::Value::Array(items) if key == "jobs" => {
+                for item in items {
+                    if let toml::Value::Table(child) = item {
+                        resolve_relative_paths(child, base);
+                    }
+                }
+            }
             toml::Value::String(text)
                 if is_path_key(key) && !text.is_empty() && Path::new(text.as_str()).is_relative() =>
             {

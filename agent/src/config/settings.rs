@@ -19,6 +19,7 @@ pub struct Settings {
     pub volume: crate::volume::VolumeSettings,
     pub k3s: crate::k3s::K3sSettings,
     pub shutdown: crate::shutdown::ShutdownSettings,
+    pub backup: crate::backup::BackupSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

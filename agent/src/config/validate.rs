@@ -98,14 +98,24 @@ pub(super) fn validate(config: &LoadedConfig) -> Result<(), ConfigErrors> {
     for (key, message) in s.k3s.validate() {
         fail(&format!("k3s.{key}"), message);
     }
-    if s.k3s.enabled && s.volume.enabled && (s.k3s.backend == crate::k3s::K3sBackendKind::Sim) != (s.volume.backend == crate::volume::VolumeBackendKind::Sim) {
-        fail("k3s.backend", "k3s.backend and volume.backend must both be sim or both real".into());
+    if s.k3s.enabled
+        && s.volume.enabled
+        && (s.k3s.backend == crate::k3s::K3sBackendKind::Sim)
+            != (s.volume.backend == crate::volume::VolumeBackendKind::Sim)
+    {
+        fail(
+            "k3s.backend",
+            "k3s.backend and volume.backend must both be sim or both real".into(),
+        );
     }
     for (key, message) in s.volume.validate() {
         fail(&format!("volume.{key}"), message);
     }
     for (key, message) in s.metrics.validate() {
         fail(&format!("metrics.{key}"), message);
+    }
+    for (key, message) in s.backup.validate(&check_secret_file) {
+        fail(&format!("backup.{key}"), message);
     }
 
     if errors.is_empty() {

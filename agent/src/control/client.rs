@@ -67,31 +67,46 @@ impl Client {
     }
 
     /// Sends one request; an error reply becomes [`ClientError::Refused`].
+    /// Progress frames of long requests are skipped.
     pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
+        self.call_with_progress(request, |_| {})
+    }
+
+    /// Like [`Client::call`], handing each progress frame to `on_progress`.
+    pub fn call_with_progress(
+        &mut self,
+        request: &Request,
+        mut on_progress: impl FnMut(&crate::backup::ProgressReport),
+    ) -> Result<Response, ClientError> {
         let io = |source| ClientError::Io {
             path: self.path.clone(),
             source,
         };
         self.stream.write_all(&encode_frame(request)).map_err(io)?;
-        let mut header = [0u8; 4];
-        self.stream.read_exact(&mut header).map_err(io)?;
-        let len = frame_len(header, MAX_RESPONSE_BYTES).map_err(|err| ClientError::Protocol {
-            path: self.path.clone(),
-            message: err.to_string(),
-        })?;
-        let mut body = vec![0u8; len];
-        self.stream.read_exact(&mut body).map_err(io)?;
-        let response: Response = serde_json::from_slice(&body).map_err(|err| ClientError::Protocol {
-            path: self.path.clone(),
-            message: err.to_string(),
-        })?;
-        match response {
-            Response::Error { code, message } => Err(ClientError::Refused {
-                request: request.name(),
-                code,
-                message,
-            }),
-            other => Ok(other),
+        loop {
+            let mut header = [0u8; 4];
+            self.stream.read_exact(&mut header).map_err(io)?;
+            let len = frame_len(header, MAX_RESPONSE_BYTES).map_err(|err| ClientError::Protocol {
+                path: self.path.clone(),
+                message: err.to_string(),
+            })?;
+            let mut body = vec![0u8; len];
+            self.stream.read_exact(&mut body).map_err(io)?;
+            let response: Response = serde_json::from_slice(&body).map_err(|err| ClientError::Protocol {
+                path: self.path.clone(),
+                message: err.to_string(),
+            })?;
+            match response {
+                Response::Progress { progress } => on_progress(&progress),
+                Response::Error { code, message } => {
+                    return Err(ClientError::Refused {
+                        request: request.name(),
+                        code,
+                        message,
+                    })
+                }
+                other => return Ok(other),
+            }
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::backup::{BackupRecord, Decision, ProgressReport, RestoreReport, RestoreRequest, VerifyReport};
 use crate::config::EffectiveEntry;
 use crate::status::Status;
 
@@ -26,6 +27,39 @@ pub enum Request {
     Reload,
     /// The ordered shutdown plan with each step's deadline; changes nothing.
     ShutdownPlan,
+    /// Run a backup job now and answer when it is done (progress frames
+    /// come first).
+    BackupNow {
+        job: String,
+    },
+    /// Catalog rows, newest first.
+    BackupList {
+        #[serde(default)]
+        job: Option<String>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    BackupShow {
+        id: i64,
+    },
+    /// Retention now; with `dry_run` only what it would do, and why.
+    BackupPrune {
+        #[serde(default)]
+        job: Option<String>,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Read a backup back (by id, or the newest of `job`) and, with
+    /// `restore_test`, restore it to a scratch target.
+    BackupVerify {
+        #[serde(default)]
+        id: Option<i64>,
+        #[serde(default)]
+        job: Option<String>,
+        #[serde(default)]
+        restore_test: bool,
+    },
+    Restore(RestoreRequest),
 }
 
 /// Who may make a request: members of the socket's group may read, only
@@ -39,10 +73,19 @@ pub enum Access {
 impl Request {
     pub fn access(&self) -> Access {
         match self {
-            Request::Ping | Request::Version | Request::Status | Request::ConfigShow | Request::ShutdownPlan => {
-                Access::Read
-            }
-            Request::Reload => Access::Change,
+            Request::Ping
+            | Request::Version
+            | Request::Status
+            | Request::ConfigShow
+            | Request::ShutdownPlan
+            | Request::BackupList { .. }
+            | Request::BackupShow { .. }
+            | Request::BackupPrune { dry_run: true, .. } => Access::Read,
+            Request::Reload
+            | Request::BackupNow { .. }
+            | Request::BackupPrune { dry_run: false, .. }
+            | Request::BackupVerify { .. }
+            | Request::Restore(_) => Access::Change,
         }
     }
 
@@ -54,7 +97,22 @@ impl Request {
             Request::ConfigShow => "config-show",
             Request::Reload => "reload",
             Request::ShutdownPlan => "shutdown-plan",
+            Request::BackupNow { .. } => "backup-now",
+            Request::BackupList { .. } => "backup-list",
+            Request::BackupShow { .. } => "backup-show",
+            Request::BackupPrune { .. } => "backup-prune",
+            Request::BackupVerify { .. } => "backup-verify",
+            Request::Restore(_) => "restore",
         }
+    }
+
+    /// Requests that may run long: the server sends `progress` frames
+    /// before the answer.
+    pub fn streams_progress(&self) -> bool {
+        matches!(
+            self,
+            Request::BackupNow { .. } | Request::BackupVerify { .. } | Request::Restore(_)
+        )
     }
 }
 
@@ -80,6 +138,26 @@ pub enum Response {
     ShutdownPlan {
         steps: Vec<crate::shutdown::PlannedStep>,
     },
+    Backups {
+        backups: Vec<BackupRecord>,
+    },
+    Backup {
+        backup: Box<BackupRecord>,
+    },
+    PrunePlan {
+        dry_run: bool,
+        decisions: Vec<Decision>,
+    },
+    Verified {
+        report: VerifyReport,
+    },
+    Restored {
+        report: RestoreReport,
+    },
+    /// An interim frame of a long request; the answer follows.
+    Progress {
+        progress: ProgressReport,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -94,6 +172,14 @@ pub enum ErrorCode {
     PermissionDenied,
     ConfigInvalid,
     Unavailable,
+    /// No such job or backup.
+    NotFound,
+    /// The job is already running (or being restored).
+    Busy,
+    /// A restore would overwrite a live target; `--force` overrides.
+    Refused,
+    /// The backup, verification or restore failed.
+    Failed,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -145,12 +231,60 @@ mod tests {
             Request::ConfigShow,
             Request::Reload,
             Request::ShutdownPlan,
+            Request::BackupNow { job: "pg".into() },
+            Request::BackupList {
+                job: None,
+                limit: Some(5),
+            },
+            Request::BackupShow { id: 3 },
+            Request::BackupPrune {
+                job: Some("pg".into()),
+                dry_run: true,
+            },
+            Request::BackupVerify {
+                id: None,
+                job: Some("pg".into()),
+                restore_test: true,
+            },
+            Request::Restore(RestoreRequest {
+                kind: crate::backup::BackupKind::Postgres,
+                job: None,
+                id: Some(4),
+                database: Some("app".into()),
+                target: None,
+                force: true,
+                no_owner: false,
+            }),
         ] {
             let frame = encode_frame(&request);
             let len = frame_len(frame[..4].try_into().unwrap(), 1024).unwrap();
             assert_eq!(len, frame.len() - 4);
             assert_eq!(decode_request(&frame[4..]).unwrap(), request);
         }
+    }
+
+    #[test]
+    fn backup_requests_read_or_change_as_documented() {
+        let request = |json: &str| decode_request(json.as_bytes()).unwrap();
+        assert_eq!(request(r#"{"request":"backup-list","args":{}}"#).access(), Access::Read);
+        assert_eq!(
+            request(r#"{"request":"backup-prune","args":{"dry_run":true}}"#).access(),
+            Access::Read
+        );
+        assert_eq!(
+            request(r#"{"request":"backup-prune","args":{}}"#).access(),
+            Access::Change
+        );
+        assert_eq!(
+            request(r#"{"request":"backup-now","args":{"job":"pg"}}"#).access(),
+            Access::Change
+        );
+        assert_eq!(
+            request(r#"{"request":"restore","args":{"kind":"vault","force":true}}"#).access(),
+            Access::Change
+        );
+        assert!(decode_request(br#"{"request":"restore","args":{"kind":"vault","forse":true}}"#).is_err());
+        assert!(decode_request(br#"{"request":"backup-now","args":{}}"#).is_err());
     }
 
     #[test]

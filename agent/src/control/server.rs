@@ -14,6 +14,7 @@ use tracing::{debug, warn};
 use super::protocol::{
     decode_request, encode_frame, frame_len, Access, ErrorCode, FrameError, Request, Response, PROTOCOL_VERSION,
 };
+use crate::backup::{BackupError, BackupService, Progress};
 use crate::config::{ControlSettings, LoadedConfig};
 use crate::logging::ids;
 use crate::status::{Health, StatusHandle};
@@ -21,6 +22,10 @@ use crate::status::{Health, StatusHandle};
 /// Clients beyond this many at once wait for a slot; a local flood must not
 /// exhaust file descriptors the rest of the agent needs.
 const MAX_CONNECTIONS: usize = 32;
+/// How often a long request's progress is looked at, and the longest a
+/// client waits without a frame.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+const PROGRESS_HEARTBEAT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -61,6 +66,8 @@ pub enum ControlError {
     ReloadRefused(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
 }
 
 impl ControlError {
@@ -72,6 +79,16 @@ impl ControlError {
             ControlError::PermissionDenied { .. } => ErrorCode::PermissionDenied,
             ControlError::ReloadRefused(_) => ErrorCode::ConfigInvalid,
             ControlError::Unavailable(_) => ErrorCode::Unavailable,
+            ControlError::Backup(err) => match err {
+                BackupError::UnknownJob(_) | BackupError::NotFound(_) | BackupError::NothingToRestore(_) => {
+                    ErrorCode::NotFound
+                }
+                BackupError::Ambiguous(_) => ErrorCode::BadRequest,
+                BackupError::Busy { .. } => ErrorCode::Busy,
+                BackupError::Refused(_) => ErrorCode::Refused,
+                BackupError::ShuttingDown => ErrorCode::Unavailable,
+                BackupError::Catalog(_) | BackupError::Failed { .. } => ErrorCode::Failed,
+            },
         };
         Response::Error {
             code,
@@ -95,6 +112,8 @@ pub struct ControlContext {
     /// The agent's own uid counts as privileged, so that an unprivileged
     /// local run can be driven by the user who started it.
     pub daemon_uid: u32,
+    /// The backup subsystem; None when it could not start.
+    pub backup: Option<Arc<BackupService>>,
 }
 
 impl ControlContext {
@@ -109,7 +128,13 @@ impl ControlContext {
         }
     }
 
-    async fn dispatch(&self, request: Request) -> Result<Response, ControlError> {
+    fn backup(&self) -> Result<&Arc<BackupService>, ControlError> {
+        self.backup
+            .as_ref()
+            .ok_or_else(|| ControlError::Unavailable("the backup subsystem is not running".into()))
+    }
+
+    async fn dispatch(&self, request: Request, progress: Progress) -> Result<Response, ControlError> {
         match request {
             Request::Ping => Ok(Response::Pong),
             Request::Version => Ok(Response::Version {
@@ -141,6 +166,28 @@ impl ControlContext {
                     .map_err(ControlError::ReloadRefused)?;
                 Ok(Response::Reloaded { generation, files })
             }
+            Request::BackupNow { job } => Ok(Response::Backups {
+                backups: self.backup()?.backup_now(&job, progress).await?,
+            }),
+            Request::BackupList { job, limit } => Ok(Response::Backups {
+                backups: self.backup()?.list(job.as_deref(), limit.unwrap_or(50)).await?,
+            }),
+            Request::BackupShow { id } => Ok(Response::Backup {
+                backup: Box::new(self.backup()?.show(id).await?),
+            }),
+            Request::BackupPrune { job, dry_run } => Ok(Response::PrunePlan {
+                dry_run,
+                decisions: self.backup()?.prune(job.as_deref(), dry_run).await?,
+            }),
+            Request::BackupVerify { id, job, restore_test } => Ok(Response::Verified {
+                report: self
+                    .backup()?
+                    .verify(id, job.as_deref(), restore_test, progress)
+                    .await?,
+            }),
+            Request::Restore(request) => Ok(Response::Restored {
+                report: self.backup()?.restore(request, progress).await?,
+            }),
         }
     }
 }
@@ -288,7 +335,35 @@ async fn serve_connection(mut stream: UnixStream, context: &ControlContext, (max
         };
         let fatal = matches!(request, Err(ControlError::Frame(_)));
         let response = match request {
-            Ok(request) => handle(context, request, uid, pid).await,
+            Ok(request) if request.streams_progress() => {
+                let progress = Progress::default();
+                let work = handle(context, request, uid, pid, progress.clone());
+                tokio::pin!(work);
+                let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+                let mut last: Option<(crate::backup::ProgressReport, std::time::Instant)> = None;
+                let mut client_gone = false;
+                loop {
+                    tokio::select! {
+                        response = &mut work => break response,
+                        _ = ticker.tick(), if !client_gone => {
+                            let report = progress.report();
+                            // A frame on change, and one now and then as a
+                            // heartbeat while a phase shows no progress.
+                            let due = match &last {
+                                None => !report.phase.is_empty(),
+                                Some((previous, at)) => *previous != report || at.elapsed() >= PROGRESS_HEARTBEAT,
+                            };
+                            if due {
+                                let frame = encode_frame(&Response::Progress { progress: report.clone() });
+                                // A client that went away does not stop the work.
+                                client_gone = stream.write_all(&frame).await.is_err();
+                                last = Some((report, std::time::Instant::now()));
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(request) => handle(context, request, uid, pid, Progress::default()).await,
             Err(err) => {
                 context.status.update(|s| s.control.requests_denied += 1);
                 warn!(message_id = ids::CONTROL_BAD_REQUEST, uid, pid, error = %err, "refused a control request");
@@ -302,7 +377,7 @@ async fn serve_connection(mut stream: UnixStream, context: &ControlContext, (max
     }
 }
 
-async fn handle(context: &ControlContext, request: Request, uid: u32, pid: i32) -> Response {
+async fn handle(context: &ControlContext, request: Request, uid: u32, pid: i32, progress: Progress) -> Response {
     if let Err(err) = context.authorize(&request, uid) {
         context.status.update(|s| s.control.requests_denied += 1);
         warn!(
@@ -315,7 +390,7 @@ async fn handle(context: &ControlContext, request: Request, uid: u32, pid: i32) 
         return err.to_response();
     }
     debug!(uid, pid, request = request.name(), "control request");
-    let response = match context.dispatch(request).await {
+    let response = match context.dispatch(request, progress).await {
         Ok(response) => response,
         Err(err) => err.to_response(),
     };

@@ -99,6 +99,20 @@ impl Encoder {
         self.buf.push(b'\n');
     }
 
+    /// A family with a TYPE word passed through as it came (summaries and
+    /// histograms from textfiles).
+    pub fn family_raw(&mut self, name: &str, help: &str, type_word: &str) {
+        self.buf.extend_from_slice(b"# HELP ");
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.push(b' ');
+        escape_into(&mut self.buf, help, self.format == Format::OpenMetrics);
+        self.buf.extend_from_slice(b"\n# TYPE ");
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.push(b' ');
+        self.buf.extend_from_slice(type_word.as_bytes());
+        self.buf.push(b'\n');
+    }
+
     pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         self.sample_head(name, labels);
         write_f64(&mut self.buf, value);
@@ -241,7 +255,17 @@ mod tests {
 
     #[test]
     fn floats_round_trip() {
-        for value in [0.0, 1.0, -3.0, 0.25, 1.795491626e9, 738.83, 1e-7, 1e300, 123456789012345678.0] {
+        for value in [
+            0.0,
+            1.0,
+            -3.0,
+            0.25,
+            1.795491626e9,
+            738.83,
+            1e-7,
+            1e300,
+            123456789012345678.0,
+        ] {
             let mut buf = Vec::new();
             write_f64(&mut buf, value);
             let printed = String::from_utf8(buf).unwrap();

@@ -143,7 +143,7 @@ fn current_family<'a>(
 }
 
 fn parse_sample(line: &str) -> Result<Sample, String> {
-    let name_end = line.find(|c: char| c == '{' || c == ' ' || c == '\t').unwrap_or(line.len());
+    let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
     let name = &line[..name_end];
     if !is_metric_name(name) {
         return Err(format!("invalid metric name {name:?}"));
@@ -160,7 +160,10 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
     let value = parse_value(value).ok_or_else(|| format!("{name}: invalid value {value:?}"))?;
     let timestamp_ms = match fields.next() {
         None => None,
-        Some(ts) => Some(ts.parse::<i64>().map_err(|_| format!("{name}: invalid timestamp {ts:?}"))?),
+        Some(ts) => Some(
+            ts.parse::<i64>()
+                .map_err(|_| format!("{name}: invalid timestamp {ts:?}"))?,
+        ),
     };
     if let Some(extra) = fields.next() {
         return Err(format!("{name}: unexpected {extra:?} after the value"));
@@ -191,7 +194,9 @@ fn parse_labels(mut text: &str) -> Result<(Labels, &str), String> {
             return Err(format!("label {key} given twice"));
         }
         text = text[eq + 1..].trim_start();
-        let body = text.strip_prefix('"').ok_or_else(|| format!("label {key}: value not quoted"))?;
+        let body = text
+            .strip_prefix('"')
+            .ok_or_else(|| format!("label {key}: value not quoted"))?;
         let mut value = String::new();
         let mut chars = body.char_indices();
         let end = loop {

@@ -17,11 +17,17 @@ const META_SUFFIX: &str = ".pa-meta.json";
 
 pub struct LocalStore {
     root: PathBuf,
+    /// Partial files of `put`s in flight in this process: `recover` leaves
+    /// them alone.
+    active: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 impl LocalStore {
     pub fn new(root: PathBuf) -> Self {
-        LocalStore { root }
+        LocalStore {
+            root,
+            active: Default::default(),
+        }
     }
 
     fn io(&self, action: &'static str, key: &str) -> impl FnOnce(std::io::Error) -> ObjectStoreError {
@@ -54,6 +60,25 @@ impl LocalStore {
     }
 }
 
+/// Marks a partial file as in flight while it lives.
+struct ActiveFile<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+    path: PathBuf,
+}
+
+impl<'a> ActiveFile<'a> {
+    fn new(set: &'a std::sync::Mutex<std::collections::HashSet<PathBuf>>, path: PathBuf) -> Self {
+        set.lock().unwrap_or_else(|p| p.into_inner()).insert(path.clone());
+        ActiveFile { set, path }
+    }
+}
+
+impl Drop for ActiveFile<'_> {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.path);
+    }
+}
+
 async fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     tokio::fs::File::open(dir).await?.sync_all().await
 }
@@ -81,6 +106,7 @@ impl ObjectStore for LocalStore {
             .map_err(self.io("create temp file for", key))?;
         // Dropping the TempPath on any early return removes the partial file.
         let (file, temp_path) = temp.into_parts();
+        let _active = ActiveFile::new(&self.active, temp_path.to_path_buf());
         let mut file = tokio::fs::File::from_std(file);
         let mut hasher = Sha256::new();
         let mut size = 0u64;
@@ -112,6 +138,7 @@ impl ObjectStore for LocalStore {
             .prefix("meta-")
             .tempfile_in(&temp_dir)
             .map_err(self.io("create metadata for", key))?;
+        let _active_meta = ActiveFile::new(&self.active, meta_temp.path().to_path_buf());
         let meta_json = serde_json::to_vec(&info).expect("object info serializes");
         std::fs::write(meta_temp.path(), &meta_json).map_err(self.io("write metadata for", key))?;
         meta_temp
@@ -203,6 +230,29 @@ impl ObjectStore for LocalStore {
         }
         Ok(())
     }
+
+    /// Partial files of `put`s interrupted by a crash (a clean failure
+    /// removes its own).
+    async fn recover(&self) -> Result<Vec<String>, ObjectStoreError> {
+        let temp_dir = self.root.join(TEMP_DIR);
+        let mut removed = Vec::new();
+        let mut entries = match tokio::fs::read_dir(&temp_dir).await {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+            Err(err) => return Err(self.io("list", TEMP_DIR)(err)),
+        };
+        while let Some(entry) = entries.next_entry().await.map_err(self.io("list", TEMP_DIR))? {
+            let path = entry.path();
+            if self.active.lock().unwrap_or_else(|p| p.into_inner()).contains(&path) {
+                continue;
+            }
+            tokio::fs::remove_file(&path)
+                .await
+                .map_err(self.io("remove partial file", TEMP_DIR))?;
+            removed.push(format!("partial file {}", path.display()));
+        }
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]
@@ -273,6 +323,40 @@ mod tests {
         assert_eq!(leftovers, 0, "partial files must be cleaned up");
         let keys: Vec<_> = store.list("").await.unwrap().into_iter().map(|i| i.key).collect();
         assert_eq!(keys, ["k"]);
+    }
+
+    #[tokio::test]
+    async fn recover_removes_partial_files_left_by_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf());
+        store.put("k", &mut &b"data"[..], BTreeMap::new()).await.unwrap();
+        std::fs::write(dir.path().join(TEMP_DIR).join("put-crashed"), b"half").unwrap();
+        let removed = store.recover().await.unwrap();
+        assert_eq!(removed.len(), 1, "{removed:?}");
+        assert_eq!(std::fs::read_dir(dir.path().join(TEMP_DIR)).unwrap().count(), 0);
+        assert!(store.head("k").await.unwrap().is_some(), "complete objects stay");
+        assert!(store.recover().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn recover_leaves_a_put_in_flight_alone() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf());
+        let (mut tx, mut rx) = tokio::io::duplex(64);
+        let put = store.put("k", &mut rx, BTreeMap::new());
+        let other = async {
+            tx.write_all(b"first ").await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert!(
+                store.recover().await.unwrap().is_empty(),
+                "nothing of a live put is removed"
+            );
+            tx.write_all(b"second").await.unwrap();
+            drop(tx);
+        };
+        let (info, ()) = tokio::join!(put, other);
+        assert_eq!(info.unwrap().size, 12);
     }
 
     #[tokio::test]

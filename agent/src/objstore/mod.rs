@@ -4,14 +4,18 @@
 //! and durable, with its SHA-256 recorded beside it.
 
 mod local;
+mod s3;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use local::LocalStore;
+pub use s3::S3Store;
 
 use crate::config::{ObjectStoreBackend, ObjectStoreSettings};
 
@@ -37,8 +41,60 @@ pub enum ObjectStoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{store}: the {backend} backend is not available in this build yet")]
-    Unsupported { store: String, backend: &'static str },
+    /// The server answered with an error, or could not be reached.
+    #[error("{store}: {action} {key:?}: {message}")]
+    Remote {
+        store: String,
+        action: &'static str,
+        key: String,
+        message: String,
+        /// False when the server never answered (connection refused,
+        /// timeout): the same request may succeed later.
+        answered: bool,
+    },
+    #[error("{store}: cannot record multipart upload of {key:?} in the state store: {message}")]
+    Journal {
+        store: String,
+        key: String,
+        message: String,
+    },
+    #[error("{store}: cannot read credentials from {}: {source}", path.display())]
+    Credentials {
+        store: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A multipart upload in flight. Recorded before the first part is sent and
+/// forgotten once it is completed or aborted, so that one interrupted by a
+/// crash can be aborted at the next start; not every S3 server can list them
+/// (s3s-fs has no ListMultipartUploads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    pub upload_id: String,
+    pub bucket: String,
+    pub key: String,
+    pub started_ms: i64,
+}
+
+#[async_trait]
+pub trait UploadJournal: Send + Sync {
+    async fn record(&self, upload: &PendingUpload) -> Result<(), String>;
+    async fn forget(&self, upload_id: &str) -> Result<(), String>;
+    async fn pending(&self) -> Result<Vec<PendingUpload>, String>;
+}
+
+/// What opening a store needs besides its settings.
+#[derive(Clone, Default)]
+pub struct OpenOptions {
+    /// Where S3 multipart uploads are recorded (the state store). Without
+    /// one, an upload interrupted by a crash is left for the bucket's
+    /// lifecycle rules.
+    pub journal: Option<Arc<dyn UploadJournal>>,
+    /// S3 multipart part size in bytes (0 = 8 MiB).
+    pub part_size: usize,
 }
 
 #[async_trait]
@@ -63,6 +119,13 @@ pub trait ObjectStore: Send + Sync {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, ObjectStoreError>;
 
     async fn delete(&self, key: &str) -> Result<(), ObjectStoreError>;
+
+    /// Cleans up what interrupted `put`s left behind (partial files; S3
+    /// multipart uploads named in the journal) and describes each thing it
+    /// removed. Anything it could not remove yet is left for the next call.
+    async fn recover(&self) -> Result<Vec<String>, ObjectStoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Keys are relative, slash-separated paths without empty, `.` or `..`
@@ -89,16 +152,18 @@ pub fn check_key(key: &str) -> Result<(), ObjectStoreError> {
     Ok(())
 }
 
-pub fn open(settings: &ObjectStoreSettings) -> Result<Box<dyn ObjectStore>, ObjectStoreError> {
+pub fn open(settings: &ObjectStoreSettings, options: OpenOptions) -> Result<Arc<dyn ObjectStore>, ObjectStoreError> {
     match settings.backend {
-        ObjectStoreBackend::Local => Ok(Box::new(LocalStore::new(settings.local.path.clone()))),
-        ObjectStoreBackend::S3 => Err(ObjectStoreError::Unsupported {
-            store: settings
-                .s3
-                .as_ref()
-                .map(|s3| format!("s3://{}/{}", s3.bucket, s3.prefix))
-                .unwrap_or_default(),
-            backend: "s3",
-        }),
+        ObjectStoreBackend::Local => Ok(Arc::new(LocalStore::new(settings.local.path.clone()))),
+        ObjectStoreBackend::S3 => {
+            let s3 = settings.s3.as_ref().ok_or_else(|| ObjectStoreError::Remote {
+                store: "s3".into(),
+                action: "configure",
+                key: String::new(),
+                message: "backend is \"s3\" but there is no [object_store.s3] section".into(),
+                answered: false,
+            })?;
+            Ok(Arc::new(S3Store::new(s3, options)?))
+        }
     }
 }

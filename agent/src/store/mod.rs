@@ -30,6 +30,42 @@ const MIGRATIONS: &[&str] = &[
         report TEXT NOT NULL,
         PRIMARY KEY (run_id, position)
     );",
+    // 3: the backup catalog: one row per object a job run tried to store
+    // (one per database for a PostgreSQL job), and the S3 multipart uploads
+    // in flight, recorded before their first part so that a restart after a
+    // crash can abort them (not every S3 server can list them).
+    "CREATE TABLE backup_runs (
+        id INTEGER PRIMARY KEY,
+        batch INTEGER NOT NULL,
+        job TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        agent_run INTEGER,
+        state TEXT NOT NULL,
+        key TEXT,
+        started_ms INTEGER NOT NULL,
+        finished_ms INTEGER,
+        bytes INTEGER,
+        raw_bytes INTEGER,
+        sha256 TEXT,
+        raw_sha256 TEXT,
+        compression TEXT NOT NULL,
+        encryption TEXT NOT NULL,
+        error TEXT,
+        verified_ms INTEGER,
+        tested_ms INTEGER,
+        test_result TEXT,
+        pruned_ms INTEGER
+    );
+    CREATE INDEX backup_runs_series ON backup_runs (job, target, started_ms);
+    CREATE TABLE s3_multipart_uploads (
+        upload_id TEXT PRIMARY KEY,
+        bucket TEXT NOT NULL,
+        key TEXT NOT NULL,
+        started_ms INTEGER NOT NULL
+    );",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ NSPAWN_BINDS=()
 NSPAWN_LOOPS=()
 
 backend_requirements() {
-    echo systemd-nspawn nsenter losetup mkfs.ext4 mmdebstrap timeout
+    echo systemd-nspawn nsenter losetup mkfs.ext4 mmdebstrap timeout jq
 }
 
 backend_prepare() {
@@ -81,17 +81,23 @@ backend_exec() {
     nsenter --target="$NSPAWN_LEADER" --all "$@"
 }
 
-# nspawn turns SIGTERM into an orderly shutdown of the container (it sends
-# SIGRTMIN+3 to the guest's systemd, like `systemctl halt`).
-backend_poweroff() {
-    nspawn_running || return 0
-    kill -TERM "$NSPAWN_PID" 2>/dev/null || true
+# The container ends when the guest's systemd does (after `systemctl
+# poweroff` inside it, for example).
+backend_wait_down() {
     local deadline=$(($(now_ms) + $1 * 1000))
     while nspawn_running; do
         (($(now_ms) < deadline)) || return 1
         sleep 0.05 # poll interval
     done
     wait "$NSPAWN_PID" 2>/dev/null || true
+}
+
+# nspawn turns SIGTERM into an orderly shutdown of the container (it sends
+# SIGRTMIN+3 to the guest's systemd, like `systemctl halt`).
+backend_poweroff() {
+    nspawn_running || return 0
+    kill -TERM "$NSPAWN_PID" 2>/dev/null || true
+    backend_wait_down "$1"
 }
 
 backend_kill() {

@@ -81,7 +81,11 @@ impl Collector for Cpu {
         );
         for (id, ticks) in &cpus {
             for (mode, value) in MODES.iter().zip(ticks) {
-                out.sample("node_cpu_seconds_total", &[("cpu", id), ("mode", mode)], *value as f64 / hz);
+                out.sample(
+                    "node_cpu_seconds_total",
+                    &[("cpu", id), ("mode", mode)],
+                    *value as f64 / hz,
+                );
             }
         }
         out.family(
@@ -90,8 +94,16 @@ impl Collector for Cpu {
             MetricType::Counter,
         );
         for (id, ticks) in &cpus {
-            out.sample("node_cpu_guest_seconds_total", &[("cpu", id), ("mode", "user")], ticks[8] as f64 / hz);
-            out.sample("node_cpu_guest_seconds_total", &[("cpu", id), ("mode", "nice")], ticks[9] as f64 / hz);
+            out.sample(
+                "node_cpu_guest_seconds_total",
+                &[("cpu", id), ("mode", "user")],
+                ticks[8] as f64 / hz,
+            );
+            out.sample(
+                "node_cpu_guest_seconds_total",
+                &[("cpu", id), ("mode", "nice")],
+                ticks[9] as f64 / hz,
+            );
         }
         Ok(())
     }

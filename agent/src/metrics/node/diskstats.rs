@@ -2,6 +2,8 @@
 //! devices excluded by node_exporter's default regex), plus `node_disk_info`
 //! from udev's database.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use regex_lite::Regex;
@@ -18,33 +20,138 @@ const MS: f64 = 0.001;
 
 /// (metric, help, field index after major/minor/name, scale, type)
 const FIELDS: [(&str, &str, usize, f64, MetricType); 17] = [
-    ("node_disk_reads_completed_total", "The total number of reads completed successfully.", 0, 1.0, MetricType::Counter),
-    ("node_disk_reads_merged_total", "The total number of reads merged.", 1, 1.0, MetricType::Counter),
-    ("node_disk_read_bytes_total", "The total number of bytes read successfully.", 2, SECTOR, MetricType::Counter),
-    ("node_disk_read_time_seconds_total", "The total number of seconds spent by all reads.", 3, MS, MetricType::Counter),
-    ("node_disk_writes_completed_total", "The total number of writes completed successfully.", 4, 1.0, MetricType::Counter),
-    ("node_disk_writes_merged_total", "The number of writes merged.", 5, 1.0, MetricType::Counter),
-    ("node_disk_written_bytes_total", "The total number of bytes written successfully.", 6, SECTOR, MetricType::Counter),
-    ("node_disk_write_time_seconds_total", "This is the total number of seconds spent by all writes.", 7, MS, MetricType::Counter),
-    ("node_disk_io_now", "The number of I/Os currently in progress.", 8, 1.0, MetricType::Gauge),
-    ("node_disk_io_time_seconds_total", "Total seconds spent doing I/Os.", 9, MS, MetricType::Counter),
-    ("node_disk_io_time_weighted_seconds_total", "The weighted # of seconds spent doing I/Os.", 10, MS, MetricType::Counter),
-    ("node_disk_discards_completed_total", "The total number of discards completed successfully.", 11, 1.0, MetricType::Counter),
-    ("node_disk_discards_merged_total", "The total number of discards merged.", 12, 1.0, MetricType::Counter),
-    ("node_disk_discarded_sectors_total", "The total number of sectors discarded successfully.", 13, 1.0, MetricType::Counter),
-    ("node_disk_discard_time_seconds_total", "This is the total number of seconds spent by all discards.", 14, MS, MetricType::Counter),
-    ("node_disk_flush_requests_total", "The total number of flush requests completed successfully", 15, 1.0, MetricType::Counter),
-    ("node_disk_flush_requests_time_seconds_total", "This is the total number of seconds spent by all flush requests.", 16, MS, MetricType::Counter),
+    (
+        "node_disk_reads_completed_total",
+        "The total number of reads completed successfully.",
+        0,
+        1.0,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_reads_merged_total",
+        "The total number of reads merged.",
+        1,
+        1.0,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_read_bytes_total",
+        "The total number of bytes read successfully.",
+        2,
+        SECTOR,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_read_time_seconds_total",
+        "The total number of seconds spent by all reads.",
+        3,
+        MS,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_writes_completed_total",
+        "The total number of writes completed successfully.",
+        4,
+        1.0,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_writes_merged_total",
+        "The number of writes merged.",
+        5,
+        1.0,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_written_bytes_total",
+        "The total number of bytes written successfully.",
+        6,
+        SECTOR,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_write_time_seconds_total",
+        "This is the total number of seconds spent by all writes.",
+        7,
+        MS,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_io_now",
+        "The number of I/Os currently in progress.",
+        8,
+        1.0,
+        MetricType::Gauge,
+    ),
+    (
+        "node_disk_io_time_seconds_total",
+        "Total seconds spent doing I/Os.",
+        9,
+        MS,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_io_time_weighted_seconds_total",
+        "The weighted # of seconds spent doing I/Os.",
+        10,
+        MS,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_discards_completed_total",
+        "The total number of discards completed successfully.",
+        11,
+        1.0,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_discards_merged_total",
+        "The total number of discards merged.",
+        12,
+        1.0,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_discarded_sectors_total",
+        "The total number of sectors discarded successfully.",
+        13,
+        1.0,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_discard_time_seconds_total",
+        "This is the total number of seconds spent by all discards.",
+        14,
+        MS,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_flush_requests_total",
+        "The total number of flush requests completed successfully",
+        15,
+        1.0,
+        MetricType::Counter,
+    ),
+    (
+        "node_disk_flush_requests_time_seconds_total",
+        "This is the total number of seconds spent by all flush requests.",
+        16,
+        MS,
+        MetricType::Counter,
+    ),
 ];
 
 pub struct Diskstats {
     exclude: Regex,
+    /// Device names seen so far and whether the regex excludes them.
+    verdicts: Mutex<HashMap<String, bool>>,
 }
 
 impl Diskstats {
     pub fn new() -> Diskstats {
         Diskstats {
             exclude: Regex::new(DEVICE_EXCLUDE).expect("constant regex"),
+            verdicts: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -72,12 +179,21 @@ impl Collector for Diskstats {
         let mut buf = Vec::with_capacity(4096);
         let text = read_text(PATH, &mut buf)?;
         let mut disks = Vec::new();
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
         for line in text.lines() {
             let mut words = line.split_ascii_whitespace();
             let (Some(major), Some(minor), Some(name)) = (words.next(), words.next(), words.next()) else {
                 continue;
             };
-            if self.exclude.is_match(name) {
+            let excluded = match verdicts.get(name) {
+                Some(excluded) => *excluded,
+                None => {
+                    let excluded = self.exclude.is_match(name);
+                    verdicts.insert(name.to_string(), excluded);
+                    excluded
+                }
+            };
+            if excluded {
                 continue;
             }
             let mut disk = Disk {
@@ -93,11 +209,22 @@ impl Collector for Diskstats {
             }
             disks.push(disk);
         }
+        drop(verdicts);
         let mut udev_buf = Vec::with_capacity(2048);
-        out.family("node_disk_info", "Info of /sys/block/<block_device>.", MetricType::Gauge);
+        out.family(
+            "node_disk_info",
+            "Info of /sys/block/<block_device>.",
+            MetricType::Gauge,
+        );
         for disk in &disks {
             let props = udev_properties(disk.major, disk.minor, &mut udev_buf);
-            let get = |key: &str| props.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str()).unwrap_or("");
+            let get = |key: &str| {
+                props
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| v.as_str())
+                    .unwrap_or("")
+            };
             let serial = match get("ID_SERIAL_SHORT") {
                 "" => get("SCSI_IDENT_SERIAL"),
                 serial => serial,
@@ -146,7 +273,12 @@ fn udev_properties(major: &str, minor: &str, buf: &mut Vec<u8>) -> Vec<(String, 
     text.lines()
         .filter_map(|line| line.strip_prefix("E:"))
         .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| matches!(*k, "ID_PATH" | "ID_WWN" | "ID_MODEL" | "ID_SERIAL_SHORT" | "SCSI_IDENT_SERIAL" | "ID_REVISION"))
+        .filter(|(k, _)| {
+            matches!(
+                *k,
+                "ID_PATH" | "ID_WWN" | "ID_MODEL" | "ID_SERIAL_SHORT" | "SCSI_IDENT_SERIAL" | "ID_REVISION"
+            )
+        })
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
 }

@@ -21,9 +21,17 @@ impl Collector for Filefd {
         if fields.len() != 3 {
             return Err(CollectError::parse(PATH, "expected three numbers"));
         }
-        out.family("node_filefd_allocated", "File descriptor statistics: allocated.", MetricType::Gauge);
+        out.family(
+            "node_filefd_allocated",
+            "File descriptor statistics: allocated.",
+            MetricType::Gauge,
+        );
         out.sample_u64("node_filefd_allocated", &[], parse_u64(PATH, fields[0])?);
-        out.family("node_filefd_maximum", "File descriptor statistics: maximum.", MetricType::Gauge);
+        out.family(
+            "node_filefd_maximum",
+            "File descriptor statistics: maximum.",
+            MetricType::Gauge,
+        );
         out.sample_u64("node_filefd_maximum", &[], parse_u64(PATH, fields[2])?);
         Ok(())
     }

@@ -110,11 +110,11 @@ pub fn default_collectors(settings: &super::MetricsSettings) -> Result<Vec<Box<d
         )?),
         Box::new(Loadavg),
         Box::new(Meminfo),
-        Box::new(Netdev),
+        Box::new(Netdev::new()),
         Box::new(Pressure),
         Box::new(Stat),
-        Box::new(Time),
-        Box::new(Uname),
+        Box::new(Time::new()),
+        Box::new(Uname::new()),
         Box::new(Vmstat),
     ];
     if !settings.textfile_dir.as_os_str().is_empty() {

@@ -3,7 +3,8 @@
 //! refused. The values are node_exporter's "legacy" ones, which are also
 //! what /proc/net/dev sums up (e.g. `receive_drop` = dropped + missed).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use nix::sys::socket::{recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
@@ -37,7 +38,43 @@ const STATS: [&str; 17] = [
 
 type Values = [Option<u64>; 17];
 
-pub struct Netdev;
+/// The rtnetlink socket and its receive buffer, kept between scrapes.
+pub struct Netdev {
+    netlink: Mutex<Option<Netlink>>,
+}
+
+struct Netlink {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+    seq: u32,
+}
+
+impl Netdev {
+    pub fn new() -> Netdev {
+        Netdev {
+            netlink: Mutex::new(None),
+        }
+    }
+
+    fn links(&self) -> Result<Vec<(String, Values)>, CollectError> {
+        let mut netlink = self.netlink.lock().unwrap_or_else(|e| e.into_inner());
+        if netlink.is_none() {
+            *netlink = Some(Netlink::open()?);
+        }
+        let result = netlink.as_mut().map(Netlink::dump).unwrap_or_else(|| Ok(Vec::new()));
+        if result.is_err() {
+            // Whatever state the socket is in, the next scrape starts afresh.
+            *netlink = None;
+        }
+        result
+    }
+}
+
+impl Default for Netdev {
+    fn default() -> Self {
+        Netdev::new()
+    }
+}
 
 impl Collector for Netdev {
     fn name(&self) -> &'static str {
@@ -45,7 +82,7 @@ impl Collector for Netdev {
     }
 
     fn collect(&self, out: &mut Encoder, _deadline: Instant) -> Result<(), CollectError> {
-        let devices = match netlink_links() {
+        let devices = match self.links() {
             Ok(devices) => devices,
             Err(_) => proc_net_dev()?,
         };
@@ -106,64 +143,83 @@ fn netlink_error(err: nix::Error) -> CollectError {
     }
 }
 
-/// One RTM_GETLINK dump: name and IFLA_STATS64 of every interface.
-fn netlink_links() -> Result<Vec<(String, Values)>, CollectError> {
-    const NLMSG_ERROR: u16 = 2;
-    const NLMSG_DONE: u16 = 3;
-    const RTM_NEWLINK: u16 = 16;
-    const RTM_GETLINK: u16 = 18;
-    const NLM_F_REQUEST: u16 = 1;
-    const NLM_F_DUMP: u16 = 0x300;
-    const HEADER: usize = 16;
+impl Netlink {
+    fn open() -> Result<Netlink, CollectError> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )
+        .map_err(netlink_error)?;
+        Ok(Netlink {
+            fd,
+            buf: vec![0u8; 64 * 1024],
+            seq: 0,
+        })
+    }
 
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
-    )
-    .map_err(netlink_error)?;
-    // nlmsghdr followed by an all-zero ifinfomsg (any family, any device).
-    let mut request = [0u8; HEADER + 16];
-    request[0..4].copy_from_slice(&(request.len() as u32).to_ne_bytes());
-    request[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
-    request[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    request[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    sendto(fd.as_raw_fd(), &request, &NetlinkAddr::new(0, 0), MsgFlags::empty()).map_err(netlink_error)?;
+    /// One RTM_GETLINK dump: name and IFLA_STATS64 of every interface.
+    fn dump(&mut self) -> Result<Vec<(String, Values)>, CollectError> {
+        const NLMSG_ERROR: u16 = 2;
+        const NLMSG_DONE: u16 = 3;
+        const RTM_NEWLINK: u16 = 16;
+        const RTM_GETLINK: u16 = 18;
+        const NLM_F_REQUEST: u16 = 1;
+        const NLM_F_DUMP: u16 = 0x300;
+        const HEADER: usize = 16;
 
-    let mut links = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let u16_at = |b: &[u8], at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
-    let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-    let malformed = || CollectError::parse("rtnetlink", "malformed message");
-    loop {
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(netlink_error)?;
-        if n == 0 {
-            return Err(malformed());
-        }
-        let mut at = 0;
-        while at + HEADER <= n {
-            let len = u32_at(&buf, at) as usize;
-            if len < HEADER || at + len > n {
+        self.seq = self.seq.wrapping_add(1);
+        // nlmsghdr followed by an all-zero ifinfomsg (any family, any device).
+        let mut request = [0u8; HEADER + 16];
+        request[0..4].copy_from_slice(&((HEADER + 16) as u32).to_ne_bytes());
+        request[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
+        request[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        request[8..12].copy_from_slice(&self.seq.to_ne_bytes());
+        let fd = self.fd.as_raw_fd();
+        sendto(fd, &request, &NetlinkAddr::new(0, 0), MsgFlags::empty()).map_err(netlink_error)?;
+
+        let mut links = Vec::new();
+        let buf = &mut self.buf;
+        let u16_at = |b: &[u8], at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
+        let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let malformed = || CollectError::parse("rtnetlink", "malformed message");
+        loop {
+            let n = recv(fd, buf, MsgFlags::empty()).map_err(netlink_error)?;
+            if n == 0 {
                 return Err(malformed());
             }
-            match u16_at(&buf, at + 4) {
-                NLMSG_DONE => return Ok(links),
-                NLMSG_ERROR => {
-                    let errno = if len >= HEADER + 4 { u32_at(&buf, at + HEADER) as i32 } else { 0 };
-                    return Err(CollectError::Read {
-                        path: "rtnetlink".into(),
-                        source: std::io::Error::from_raw_os_error(-errno),
-                    });
+            let mut at = 0;
+            while at + HEADER <= n {
+                let len = u32_at(buf, at) as usize;
+                if len < HEADER || at + len > n {
+                    return Err(malformed());
                 }
-                RTM_NEWLINK => {
-                    if let Some(link) = parse_link(&buf[at + HEADER..at + len]) {
-                        links.push(link);
+                // Replies to an earlier, abandoned request are skipped.
+                if u32_at(buf, at + 8) == self.seq {
+                    match u16_at(buf, at + 4) {
+                        NLMSG_DONE => return Ok(links),
+                        NLMSG_ERROR => {
+                            let errno = if len >= HEADER + 4 {
+                                u32_at(buf, at + HEADER) as i32
+                            } else {
+                                0
+                            };
+                            return Err(CollectError::Read {
+                                path: "rtnetlink".into(),
+                                source: std::io::Error::from_raw_os_error(-errno),
+                            });
+                        }
+                        RTM_NEWLINK => {
+                            if let Some(link) = parse_link(&buf[at + HEADER..at + len]) {
+                                links.push(link);
+                            }
+                        }
+                        _ => {}
                     }
                 }
-                _ => {}
+                at += (len + 3) & !3;
             }
-            at += (len + 3) & !3;
         }
     }
 }
@@ -214,7 +270,10 @@ fn proc_net_dev() -> Result<Vec<(String, Values)>, CollectError> {
             .map(|w| parse_u64(PROC_PATH, w))
             .collect::<Result<_, _>>()?;
         if numbers.len() < 16 {
-            return Err(CollectError::parse(PROC_PATH, format!("{name}: {} columns", numbers.len())));
+            return Err(CollectError::parse(
+                PROC_PATH,
+                format!("{name}: {} columns", numbers.len()),
+            ));
         }
         let n = |i: usize| Some(numbers[i]);
         // rx: bytes packets errs drop fifo frame compressed multicast
@@ -249,7 +308,7 @@ mod tests {
 
     #[test]
     fn netlink_and_proc_net_dev_agree_on_loopback() {
-        let netlink = netlink_links().expect("rtnetlink dump");
+        let netlink = Netlink::open().and_then(|mut n| n.dump()).expect("rtnetlink dump");
         let proc = proc_net_dev().unwrap();
         let lo_netlink = &netlink.iter().find(|(n, _)| n == "lo").expect("lo over netlink").1;
         let lo_proc = &proc.iter().find(|(n, _)| n == "lo").expect("lo in /proc/net/dev").1;

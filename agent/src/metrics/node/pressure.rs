@@ -63,7 +63,9 @@ impl Collector for Pressure {
                 totals = match read_text(path, &mut buf) {
                     Ok(text) => parse_totals(path, text)?,
                     Err(CollectError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(CollectError::NoData("the kernel has no pressure stall information".into()));
+                        return Err(CollectError::NoData(
+                            "the kernel has no pressure stall information".into(),
+                        ));
                     }
                     Err(err) => return Err(err),
                 };

@@ -32,22 +32,48 @@ impl Collector for Stat {
             // intr's first number is the total; the per-IRQ rest is not exported.
             *slot = Some(parse_u64(PATH, fields.next().unwrap_or_default())?);
         }
-        let need = |value: Option<u64>, what: &str| value.ok_or_else(|| CollectError::parse(PATH, format!("no {what} line")));
-        let (intr, ctxt, btime, forks) = (need(intr, "intr")?, need(ctxt, "ctxt")?, need(btime, "btime")?, need(forks, "processes")?);
-        out.family("node_boot_time_seconds", "Node boot time, in unixtime.", MetricType::Gauge);
+        let need =
+            |value: Option<u64>, what: &str| value.ok_or_else(|| CollectError::parse(PATH, format!("no {what} line")));
+        let (intr, ctxt, btime, forks) = (
+            need(intr, "intr")?,
+            need(ctxt, "ctxt")?,
+            need(btime, "btime")?,
+            need(forks, "processes")?,
+        );
+        out.family(
+            "node_boot_time_seconds",
+            "Node boot time, in unixtime.",
+            MetricType::Gauge,
+        );
         out.sample_u64("node_boot_time_seconds", &[], btime);
-        out.family("node_context_switches_total", "Total number of context switches.", MetricType::Counter);
+        out.family(
+            "node_context_switches_total",
+            "Total number of context switches.",
+            MetricType::Counter,
+        );
         out.sample_u64("node_context_switches_total", &[], ctxt);
         out.family("node_forks_total", "Total number of forks.", MetricType::Counter);
         out.sample_u64("node_forks_total", &[], forks);
-        out.family("node_intr_total", "Total number of interrupts serviced.", MetricType::Counter);
+        out.family(
+            "node_intr_total",
+            "Total number of interrupts serviced.",
+            MetricType::Counter,
+        );
         out.sample_u64("node_intr_total", &[], intr);
         if let Some(blocked) = blocked {
-            out.family("node_procs_blocked", "Number of processes blocked waiting for I/O to complete.", MetricType::Gauge);
+            out.family(
+                "node_procs_blocked",
+                "Number of processes blocked waiting for I/O to complete.",
+                MetricType::Gauge,
+            );
             out.sample_u64("node_procs_blocked", &[], blocked);
         }
         if let Some(running) = running {
-            out.family("node_procs_running", "Number of processes in runnable state.", MetricType::Gauge);
+            out.family(
+                "node_procs_running",
+                "Number of processes in runnable state.",
+                MetricType::Gauge,
+            );
             out.sample_u64("node_procs_running", &[], running);
         }
         Ok(())

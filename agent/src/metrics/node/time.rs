@@ -1,13 +1,93 @@
 //! `time`: the clock, the local time zone and the kernel's clocksources.
 
+use std::sync::{Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::{read_text, CollectError, Collector};
 use crate::metrics::encode::{Encoder, MetricType};
 
 const CLOCKSOURCES: &str = "/sys/devices/system/clocksource";
+const LOCALTIME: &str = "/etc/localtime";
 
-pub struct Time;
+/// Clocksource devices with the sources they offer (fixed at boot), read
+/// once; the current source and the zone are checked at every scrape.
+pub struct Time {
+    devices: OnceLock<Vec<(String, Vec<String>)>>,
+    zone: Mutex<Option<(ZoneKey, Zone)>>,
+}
+
+/// Identifies the /etc/localtime content a cached zone came from.
+type ZoneKey = (u64, u64, i64, i64);
+
+/// Abbreviation, UTC offset, and the Unix time of the next transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Zone {
+    name: String,
+    offset: i64,
+    until: i64,
+}
+
+impl Time {
+    pub fn new() -> Time {
+        Time {
+            devices: OnceLock::new(),
+            zone: Mutex::new(None),
+        }
+    }
+
+    fn devices(&self) -> &[(String, Vec<String>)] {
+        self.devices.get_or_init(|| {
+            let mut buf = Vec::with_capacity(256);
+            let mut devices = Vec::new();
+            for entry in std::fs::read_dir(CLOCKSOURCES).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(device) = name.strip_prefix("clocksource") else {
+                    continue;
+                };
+                let path = format!("{CLOCKSOURCES}/{name}/available_clocksource");
+                let available = read_text(&path, &mut buf)
+                    .map(|t| t.split_ascii_whitespace().map(str::to_string).collect())
+                    .unwrap_or_default();
+                devices.push((device.to_string(), available));
+            }
+            devices.sort();
+            devices
+        })
+    }
+
+    /// The zone in force, re-read only when /etc/localtime changes or its
+    /// next transition (a DST change) has passed.
+    fn zone(&self, now: i64) -> Zone {
+        use std::os::unix::fs::MetadataExt;
+        let utc = || Zone {
+            name: "UTC".into(),
+            offset: 0,
+            until: i64::MAX,
+        };
+        let Ok(meta) = std::fs::metadata(LOCALTIME) else {
+            return utc();
+        };
+        let key = (meta.dev(), meta.ino(), meta.size() as i64, meta.mtime());
+        let mut cache = self.zone.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cached_key, zone)) = cache.as_ref() {
+            if *cached_key == key && now < zone.until {
+                return zone.clone();
+            }
+        }
+        let zone = std::fs::read(LOCALTIME)
+            .ok()
+            .and_then(|tzif| local_zone(&tzif, now))
+            .unwrap_or_else(utc);
+        *cache = Some((key, zone.clone()));
+        zone
+    }
+}
+
+impl Default for Time {
+    fn default() -> Self {
+        Time::new()
+    }
+}
 
 impl Collector for Time {
     fn name(&self) -> &'static str {
@@ -18,34 +98,15 @@ impl Collector for Time {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_err(|_| CollectError::NoData("the clock is before 1970".into()))?;
-        let mut buf = Vec::with_capacity(4096);
-        let mut clocksources: Vec<(String, Vec<String>, String)> = Vec::new();
-        if let Ok(entries) = std::fs::read_dir(CLOCKSOURCES) {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let Some(device) = name.strip_prefix("clocksource") else {
-                    continue;
-                };
-                let device = device.to_string();
-                let dir = format!("{CLOCKSOURCES}/{name}");
-                let available: Vec<String> = read_text(&format!("{dir}/available_clocksource"), &mut buf)?
-                    .split_ascii_whitespace()
-                    .map(str::to_string)
-                    .collect();
-                let current = read_text(&format!("{dir}/current_clocksource"), &mut buf)?
-                    .trim()
-                    .to_string();
-                clocksources.push((device, available, current));
-            }
-        }
-        clocksources.sort();
-        if !clocksources.is_empty() {
+        let mut buf = Vec::with_capacity(256);
+        let devices = self.devices();
+        if !devices.is_empty() {
             out.family(
                 "node_time_clocksource_available_info",
                 "Available clocksources read from '/sys/devices/system/clocksource'.",
                 MetricType::Gauge,
             );
-            for (device, available, _) in &clocksources {
+            for (device, available) in devices {
                 for source in available {
                     out.sample(
                         "node_time_clocksource_available_info",
@@ -59,7 +120,9 @@ impl Collector for Time {
                 "Current clocksource read from '/sys/devices/system/clocksource'.",
                 MetricType::Gauge,
             );
-            for (device, _, current) in &clocksources {
+            for (device, _) in devices {
+                let path = format!("{CLOCKSOURCES}/clocksource{device}/current_clocksource");
+                let current = read_text(&path, &mut buf)?.trim();
                 out.sample(
                     "node_time_clocksource_current_info",
                     &[("clocksource", current), ("device", device)],
@@ -73,16 +136,17 @@ impl Collector for Time {
             MetricType::Gauge,
             now.as_secs_f64(),
         );
-        let (zone, offset) = std::fs::read("/etc/localtime")
-            .ok()
-            .and_then(|tzif| local_zone(&tzif, now.as_secs() as i64))
-            .unwrap_or_else(|| ("UTC".to_string(), 0));
+        let zone = self.zone(now.as_secs() as i64);
         out.family(
             "node_time_zone_offset_seconds",
             "System time zone offset in seconds.",
             MetricType::Gauge,
         );
-        out.sample("node_time_zone_offset_seconds", &[("time_zone", &zone)], offset as f64);
+        out.sample(
+            "node_time_zone_offset_seconds",
+            &[("time_zone", &zone.name)],
+            zone.offset as f64,
+        );
         Ok(())
     }
 }
@@ -91,7 +155,7 @@ impl Collector for Time {
 /// file (RFC 8536): the local type of the last transition at or before
 /// `now`. Debian's tzdata is built "fat", with transitions until 2037; past
 /// the last one, the last type stays in force.
-fn local_zone(tzif: &[u8], now: i64) -> Option<(String, i64)> {
+fn local_zone(tzif: &[u8], now: i64) -> Option<Zone> {
     if tzif.get(..4)? != b"TZif" {
         return None;
     }
@@ -141,8 +205,13 @@ fn local_zone(tzif: &[u8], now: i64) -> Option<(String, i64)> {
     let offset = i32::from_be_bytes(ttinfo[..4].try_into().ok()?) as i64;
     let abbr_at = chars_at + ttinfo[5] as usize;
     let abbr_end = data[abbr_at..chars_at + chars].iter().position(|&b| b == 0)? + abbr_at;
-    let abbr = String::from_utf8_lossy(&data[abbr_at..abbr_end]).into_owned();
-    Some((abbr, offset))
+    let name = String::from_utf8_lossy(&data[abbr_at..abbr_end]).into_owned();
+    let until = if count_before < time {
+        transition(count_before)
+    } else {
+        i64::MAX
+    };
+    Some(Zone { name, offset, until })
 }
 
 #[cfg(test)]
@@ -154,11 +223,13 @@ mod tests {
         let Ok(berlin) = std::fs::read("/usr/share/zoneinfo/Europe/Berlin") else {
             panic!("tzdata is not installed (package tzdata)");
         };
-        // 2024-01-15 and 2024-07-15, noon UTC.
-        assert_eq!(local_zone(&berlin, 1_705_320_000), Some(("CET".into(), 3600)));
-        assert_eq!(local_zone(&berlin, 1_721_044_800), Some(("CEST".into(), 7200)));
+        let zone = |tzif: &[u8], now| local_zone(tzif, now).map(|z| (z.name, z.offset, z.until));
+        // 2024-01-15 and 2024-07-15, noon UTC; DST starts 2024-03-31 01:00
+        // UTC and ends 2024-10-27 01:00 UTC.
+        assert_eq!(zone(&berlin, 1_705_320_000), Some(("CET".into(), 3600, 1_711_846_800)));
+        assert_eq!(zone(&berlin, 1_721_044_800), Some(("CEST".into(), 7200, 1_729_990_800)));
         let utc = std::fs::read("/usr/share/zoneinfo/Etc/UTC").unwrap();
-        assert_eq!(local_zone(&utc, 1_705_320_000), Some(("UTC".into(), 0)));
+        assert_eq!(zone(&utc, 1_705_320_000), Some(("UTC".into(), 0, i64::MAX)));
         assert_eq!(local_zone(b"not a tzif file", 0), None);
     }
 }
