@@ -66,6 +66,10 @@ CONSOLE_LOG="$WORKDIR/console.log"
 
 # shellcheck source=backend/nspawn.sh
 source "$SYSTEM_DIR/backend/$SYSTEM_TEST_BACKEND.sh"
+# Between two polls of a condition (wait_until, check_within, holds_for). A
+# backend may set a longer one: under emulation every poll (SSH, journalctl)
+# takes guest time away from what the test waits for.
+POLL_INTERVAL="${POLL_INTERVAL:-0.1}"
 
 log() { echo "[$TEST_NAME] $*" >&2; }
 die() {
@@ -90,7 +94,7 @@ wait_until() {
             log "timed out after ${seconds}s waiting for $what"
             return 1
         fi
-        sleep 0.1 # poll interval, not a wait for readiness
+        sleep "$POLL_INTERVAL" # not a wait for readiness
     done
 }
 
@@ -400,7 +404,7 @@ holds_for() {
             fail "$what" "stopped holding within ${seconds}s: $*" "exit status: $rc" "output: $out"
             return 0
         fi
-        sleep 0.2 # poll interval of an observation window
+        sleep "$POLL_INTERVAL"
     done
     pass "$what"
 }
