@@ -371,6 +371,44 @@ fn agent_killed_mid_upload_leaves_no_dangling_upload_and_no_false_success() {
     );
 }
 
+#[test]
+fn sigterm_mid_upload_aborts_the_upload_and_records_why() {
+    let s3 = S3Server::start();
+    s3.create_bucket(BUCKET);
+    let dir = tempfile::tempdir().unwrap();
+    let config = slow_files_job(dir.path(), &s3_config(&s3, dir.path()), 24);
+    let mut daemon = Daemon::start(&config);
+    let socket = daemon.socket();
+    let run = std::thread::spawn(move || {
+        std::process::Command::new(common::BIN)
+            .args(["backup", "now", "big", "--socket"])
+            .arg(socket)
+            .output()
+            .unwrap()
+    });
+    wait_for("the multipart upload to start", Duration::from_secs(20), || {
+        (!dangling_uploads(&s3).is_empty()).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let stopping = std::time::Instant::now();
+    daemon.signal(Signal::SIGTERM);
+    let (status, log) = daemon.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit {status}: {log}");
+    assert!(stopping.elapsed() < Duration::from_secs(10), "{:?}", stopping.elapsed());
+    assert!(
+        dangling_uploads(&s3).is_empty(),
+        "the upload was aborted before the agent exited"
+    );
+    assert!(!run.join().unwrap().status.success());
+
+    daemon.restart();
+    let rows = backups(&daemon, "big");
+    assert_eq!(rows[0]["state"], "failed", "{:#}", rows[0]);
+    let error = rows[0]["error"].as_str().unwrap();
+    assert!(error.contains("aborted: the agent is stopping"), "{error}");
+    assert!(!s3_object(&s3, rows[0]["key"].as_str().unwrap()).exists());
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {

@@ -28,11 +28,13 @@ else
     bin="$repo/target/release/platform-agent"
     if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
         echo "building: cargo build --release -p platform-agent"
-        if ! cargo build --release -p platform-agent >"${TMPDIR:-/tmp}/pa-bench-build.log" 2>&1; then
-            tail -n 30 "${TMPDIR:-/tmp}/pa-bench-build.log" >&2
-            echo "ERROR: cargo build --release -p platform-agent failed (log above)" >&2
+        build_log="$(mktemp -t pa-bench-build.XXXXXX)"
+        if ! cargo build --release -p platform-agent >"$build_log" 2>&1; then
+            tail -n 30 "$build_log" >&2
+            echo "ERROR: cargo build --release -p platform-agent failed (log above, full log $build_log)" >&2
             exit 1
         fi
+        rm -f "$build_log"
     fi
 fi
 if [[ ! -x "$bin" ]]; then

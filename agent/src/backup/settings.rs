@@ -20,7 +20,8 @@ pub struct BackupSettings {
     pub compression: Compression,
     /// zstd 1..=19, gzip 1..=9.
     pub compression_level: i32,
-    /// zstd worker threads; 0 = one per core.
+    /// zstd worker threads (compression always runs beside the source);
+    /// 0 = half the cores, at least one.
     pub compression_threads: u32,
     /// age recipients (`age1...`); with any set (here or in the file), every
     /// object is encrypted to all of them.
