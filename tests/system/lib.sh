@@ -32,7 +32,7 @@
 #   nspawn  systemd-nspawn --boot on the cached root: boots in under a second,
 #           shares the host's kernel: no udev, no real poweroff.
 #   vm      qemu with the root's own kernel: udev, virtio disks, a real
-#           poweroff; about half a minute to boot under TCG.
+#           poweroff; 35-50 s to boot under TCG here (see README.md).
 
 set -euo pipefail
 # losetup, mkfs.ext4 and friends live in sbin, which a CI shell may not have.

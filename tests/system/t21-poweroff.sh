@@ -31,6 +31,8 @@ shim="$(guest_pid_file shim 2>&1)" || fail "stand-in wrote shim.pid" "$shim"
 app="$(guest_pid_file container 2>&1)" || fail "stand-in wrote container.pid" "$app"
 check_match "the container (pid $app) holds $STANDIN_HELD_FILE open" "$STANDIN_HELD_FILE" \
     "$(in_guest ls -l "/proc/$app/fd" 2>&1)"
+check_fails "journal: no warning that logind's InhibitDelayMaxSec is shorter than the plan" \
+    journal_has platform-agent.service "" '.MESSAGE | test("InhibitDelayMaxSec is shorter")'
 check "logind lists the agent's delay lock on shutdown" \
     in_guest sh -c 'systemd-inhibit --list --no-legend | grep -E "platform-agent.*shutdown.*delay"'
 
