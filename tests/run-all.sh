@@ -23,8 +23,7 @@ cargo test --workspace --locked
 
 section "system tests (real systemd)"
 cargo build -p platform-agent --locked
-# t10 (the service under systemd) and t30 (the packages) run on nspawn. The
-# qemu VM tier (t2*: /data by UUID, the fence, poweroff, busy unmount) runs
-# with `bash tests/system/run.sh t2`; it joins this list once it has passed
-# in full on a quiet machine (see README, Testing).
-PLATFORM_AGENT_BIN="$PWD/target/debug/platform-agent" bash tests/system/run.sh t10 t30
+# t10 (the service under systemd) and t30 (the packages) run on nspawn; t2*
+# (/data by UUID, the fence, the plan on stop and on poweroff, a busy /data)
+# on a qemu VM with a real kernel, udev and virtio disk.
+PLATFORM_AGENT_BIN="$PWD/target/debug/platform-agent" bash tests/system/run.sh t10 t2 t30
