@@ -109,18 +109,15 @@ impl Node {
                     other => warn!(
                         message_id = ids::VOLUME_NOT_READY,
                         mount_point = %status.mount_point,
-                        state = ?other,
-                        "{} is not ready: {other:?}",
+                        state = %other,
+                        "{} is not ready: {other}",
                         status.mount_point
                     ),
                 }
                 *last_volume_state = Some(status.mount_state.clone());
             }
             if !status.is_ready() {
-                fence = Some(format!(
-                    "{} is not ready ({:?})",
-                    status.mount_point, status.mount_state
-                ));
+                fence = Some(format!("{} is not ready ({})", status.mount_point, status.mount_state));
             }
             let health = match &status.mount_state {
                 MountState::Mounted => Health::Ok,
@@ -128,7 +125,7 @@ impl Node {
                     Health::Failed { reason: reason.clone() }
                 }
                 other => Health::Degraded {
-                    reason: format!("{other:?}"),
+                    reason: other.to_string(),
                 },
             };
             self.status.update(|s| {
@@ -140,10 +137,8 @@ impl Node {
         let Some(k3s) = &self.k3s else { return };
         let mount_point = self.volume.as_ref().map(|v| v.mount_point().to_path_buf());
         let mut problem: Option<String> = None;
-        if fence.is_none() {
-            if let Err(err) = k3s.write_configuration(mount_point.as_deref()).await {
-                problem = Some(format!("cannot write K3s configuration: {err}"));
-            }
+        if let Err(err) = k3s.write_configuration(mount_point.as_deref(), fence.is_some()).await {
+            problem = Some(format!("cannot write K3s configuration: {err}"));
         }
         let active = match k3s.unit_state().await {
             Ok(state) => state.is_active(),

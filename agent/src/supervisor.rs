@@ -353,16 +353,18 @@ impl Daemon {
         } else {
             info!("shutdown.on_agent_stop = leave-running: K3s and /data are left as they are");
         }
-        let released = std::time::Instant::now();
-        drop(delay_lock);
         if run_plan {
-            let report = StepReport {
+            // The delay lock goes last, after the plan's outcome is in the
+            // journal and the state store: at poweroff, logind proceeds the
+            // moment it is released, and what comes after may never be written.
+            // Closing the lock's fd cannot fail, so its report is written
+            // beforehand and logged once the lock is really gone.
+            let release = StepReport {
                 step: Step::ReleaseInhibitor,
                 outcome: Outcome::Done,
-                duration_ms: released.elapsed().as_millis() as u64,
+                duration_ms: 0,
             };
-            shutdown::log_step(&report, planned.last().map_or(0, |p| p.deadline_ms));
-            reports.push(report);
+            reports.push(release.clone());
             let failed_steps = reports
                 .iter()
                 .filter(|r| matches!(r.outcome, Outcome::Failed { .. } | Outcome::TimedOut))
@@ -378,6 +380,10 @@ impl Daemon {
                 warn!(error = %err, "cannot record the shutdown steps");
             }
             status.update(|s| s.last_shutdown = reports);
+            drop(delay_lock);
+            shutdown::log_step(&release, planned.last().map_or(0, |p| p.deadline_ms));
+        } else {
+            drop(delay_lock);
         }
         if let Err(err) = store.finish_run(run_id, &reason).await {
             warn!(error = %err, "cannot record the stop in the state store");

@@ -128,6 +128,8 @@ fn postgres_backup_verify_and_restore_round_trip_through_s3() {
     pg.psql("\\c app\nCREATE TABLE blobs AS SELECT i, md5(i::text) || md5((i * 7)::text) || md5((i * 13)::text) AS v FROM generate_series(1, 250000) i;");
     let before = table_checksums(&pg, "app");
     assert!(before.contains("accounts|200000|"), "{before}");
+    // A role lives outside the database: the `_globals` target carries it.
+    pg.psql("CREATE ROLE app_reader LOGIN PASSWORD 'reader-secret' CONNECTION LIMIT 7;");
 
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
@@ -142,7 +144,16 @@ fn postgres_backup_verify_and_restore_round_trip_through_s3() {
     let daemon = Daemon::start(&config);
 
     let runs = cli_json(&daemon, &["backup", "now", "pg"]);
-    let run = &runs[0];
+    let targets: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets, ["_globals", "app"], "globals first, then the databases");
+    let globals = &runs[0];
+    assert_eq!(globals["state"], "verified", "{globals:#}");
+    let run = &runs[1];
     assert_eq!(run["state"], "verified", "{run:#}");
     assert_eq!(run["target"], "app");
     assert_eq!(run["compression"], "zstd");
@@ -158,7 +169,11 @@ fn postgres_backup_verify_and_restore_round_trip_through_s3() {
     let status = daemon.status_json();
     let job = &status["backup_jobs"][0];
     assert_eq!(job["last_result"], "success", "{job:#}");
-    assert_eq!(job["last_bytes"].as_u64(), Some(stored.len() as u64));
+    assert_eq!(
+        job["last_bytes"].as_u64(),
+        Some(stored.len() as u64 + globals["bytes"].as_u64().unwrap()),
+        "the whole run: the database and the globals"
+    );
     assert_eq!(status["backups"]["state"], "ok");
 
     // A drill: test restore into a scratch database, dropped afterwards.
@@ -203,6 +218,29 @@ fn postgres_backup_verify_and_restore_round_trip_through_s3() {
     assert_ne!(table_checksums(&pg, "app"), before);
     cli_json(&daemon, &["restore", "pg", "--database", "app", "--force"]);
     assert_eq!(table_checksums(&pg, "app"), before);
+
+    // The globals: checked in a drill (complete dump, its roles counted),
+    // and a dropped role comes back with its attributes.
+    let report = cli_json(&daemon, &["backup", "verify", &globals["id"].to_string()]);
+    let test = report["test_restore"].as_str().unwrap();
+    assert!(
+        test.starts_with("globals dump complete: ") && test.ends_with(" roles"),
+        "{test}"
+    );
+    let role = "SELECT rolcanlogin, rolconnlimit FROM pg_roles WHERE rolname = 'app_reader';";
+    let before_role = pg.psql(role);
+    assert_eq!(before_role.trim(), "t|7");
+    pg.psql("DROP ROLE app_reader;");
+    assert_eq!(pg.psql(role).trim(), "");
+    let restored = cli_json(&daemon, &["restore", "pg", "--latest", "--database", "_globals"]);
+    assert!(
+        restored["summary"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("roles present"),
+        "{restored:#}"
+    );
+    assert_eq!(pg.psql(role), before_role);
 }
 
 #[test]

@@ -246,6 +246,8 @@ port = {pg.port}
 user = "postgres"
 databases = ["bench"]
 bin_dir = "{pg.bin}"
+# The peer pipeline dumps the one database only.
+globals = false
 """
         with open(os.path.join(conf_dir, "50-bench.toml"), "w") as f:
             f.write(config)

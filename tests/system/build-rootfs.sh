@@ -21,7 +21,9 @@ suite=bookworm
 # harmless, in a container): a kernel with its initramfs, udev for
 # /dev/disk/by-*, sshd to drive the guest and iproute2 to give it an address,
 # and python3-minimal for the K3s stand-in (k3s-standin/, stdlib only).
-packages=systemd-sysv,dbus,procps,jq,e2fsprogs
+# postgresql-client-15: pg_dump for the package test's backup through the CLI
+# (the server is the host's fixture).
+packages=systemd-sysv,dbus,procps,jq,e2fsprogs,postgresql-client-15
 packages+=,linux-image-amd64,initramfs-tools,udev,kmod,openssh-server,iproute2,python3-minimal
 
 self="$(readlink -f "${BASH_SOURCE[0]}")"

@@ -63,18 +63,20 @@ check_eq "journal: the plan's steps in order (STEP:OUTCOME)" \
     "$steps"
 check_match "journal: the shutdown was started by logind's PrepareForShutdown (REASON)" 'PrepareForShutdown' \
     "$(host_jq "[.[] | select(.MESSAGE_ID == \"$ID_SHUTDOWN_STARTED\") | .REASON] | join(\"; \")" 2>&1)"
-# Positions in the journal. Every step up to unmount-data must come before
-# logind lets the power-down begin; release-inhibitor is the agent dropping its
-# delay lock, which is what lets logind go on, so it and PLAN_FINISHED are
-# logged a moment after logind's "System is powering down".
+# Positions in the journal. Every step up to unmount-data, and PLAN_FINISHED
+# (logged, with the steps recorded in the state store, before the delay lock is
+# dropped), must come before logind lets the power-down begin; only the
+# release-inhibitor line, logged once the lock is gone, may come after
+# logind's "System is powering down".
 at_started="$(position ".MESSAGE_ID == \"$ID_PLAN_STARTED\"")"
 at_unmounted="$(position ".MESSAGE_ID == \"$ID_PLAN_STEP\" and .STEP == \"unmount-data\"")"
 at_shutdown="$(position ".MESSAGE_ID == \"$id_system_shutdown\"")"
 at_finished="$(position ".MESSAGE_ID == \"$ID_PLAN_FINISHED\"")"
 echo "    journal positions: plan started $at_started, step unmount-data $at_unmounted," \
     "system powering down $at_shutdown, plan finished $at_finished"
-check "journal: plan started, ..., step unmount-data, then 'System is powering down'" \
-    test "$at_started" -ge 0 -a "$at_unmounted" -gt "$at_started" -a "$at_shutdown" -gt "$at_unmounted"
+check "journal: plan started, ..., step unmount-data, plan finished, then 'System is powering down'" \
+    test "$at_started" -ge 0 -a "$at_unmounted" -gt "$at_started" -a "$at_finished" -gt "$at_unmounted" \
+    -a "$at_shutdown" -gt "$at_finished"
 check_eq "journal: PLAN_FINISHED says 0 steps failed" 0 \
     "$(host_jq "[.[] | select(.MESSAGE_ID == \"$ID_PLAN_FINISHED\") | .FAILED_STEPS] | join(\",\")" 2>&1)"
 for pid in "$shim" "$app"; do

@@ -612,8 +612,12 @@ impl BackupService {
             BackupKind::Postgres => {
                 let pg = job.postgres.clone().unwrap_or_default();
                 let conn = source::postgres::Connection::new(&pg, scratch.path())?;
-                let database = target.name.clone();
-                Box::new(move |out, cancel| conn.dump(&database, out, cancel))
+                if target.format == source::postgres::GLOBALS_FORMAT {
+                    Box::new(move |out, cancel| conn.dump_globals(out, cancel))
+                } else {
+                    let database = target.name.clone();
+                    Box::new(move |out, cancel| conn.dump(&database, out, cancel))
+                }
             }
             BackupKind::Vault => {
                 let vault = job.vault.clone().unwrap_or_default();

@@ -239,6 +239,9 @@ impl BackupService {
         }
         let cancel = cancel.clone();
         Ok(match BackupKind::parse(&record.kind) {
+            Some(BackupKind::Postgres) if record.target == source::postgres::GLOBALS_TARGET => {
+                (Box::new(source::postgres::check_globals), None)
+            }
             Some(BackupKind::Postgres) => {
                 let job = self.settings.job(&record.job).ok_or_else(|| {
                     SourceError::Refused(format!(
@@ -507,6 +510,17 @@ impl BackupService {
             }
         };
         let (target, summary) = match job.kind {
+            BackupKind::Postgres if record.target == source::postgres::GLOBALS_TARGET => {
+                let pg = job.postgres.clone().unwrap_or_default();
+                let scratch = self.scratch().map_err(|e| failed(&job.name, e))?;
+                let conn = source::postgres::Connection::new(&pg, scratch.path()).map_err(|e| failed(&job.name, e))?;
+                let consumer: Consumer = Box::new(move |input| conn.restore_globals(input));
+                let fetched = fetch(consumer).await.map_err(|e| pipeline_error(&job.name, e))?;
+                (
+                    record.target.clone(),
+                    format!("roles and tablespaces replayed: {}", fetched.value),
+                )
+            }
             BackupKind::Postgres => {
                 let pg = job.postgres.clone().unwrap_or_default();
                 let database = request.target.clone().unwrap_or_else(|| record.target.clone());

@@ -227,6 +227,9 @@ pub struct PostgresSource {
     /// Run the client tools as this OS user (peer authentication over the
     /// socket, e.g. "postgres"); "" = as the agent.
     pub os_user: String,
+    /// Also dump roles and tablespaces (`pg_dumpall --globals-only`, target
+    /// `_globals`). Needs a superuser (role passwords live in pg_authid).
+    pub globals: bool,
 }
 
 impl Default for PostgresSource {
@@ -239,6 +242,7 @@ impl Default for PostgresSource {
             databases: vec!["*".into()],
             bin_dir: PathBuf::new(),
             os_user: String::new(),
+            globals: true,
         }
     }
 }

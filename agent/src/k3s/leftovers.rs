@@ -138,7 +138,7 @@ fn alive(pid: i32) -> bool {
 /// for the kernel to reap it.
 pub async fn terminate(processes: Vec<LeftoverProcess>, grace: Duration, report: &mut CleanupReport) {
     for process in &processes {
-        info!(message_id = ids::LEFTOVER_SIGNALLED, pid = process.pid, command = %process.command, signal = "SIGTERM", "signalling leftover process");
+        info!(message_id = ids::LEFTOVER_SIGNALLED, pid = process.pid, command = %process.command, signal = "SIGTERM", "sending SIGTERM to leftover process {} ({})", process.pid, process.command);
         let _ = kill(Pid::from_raw(process.pid), Signal::SIGTERM);
     }
     let deadline = Instant::now() + grace;
@@ -148,7 +148,7 @@ pub async fn terminate(processes: Vec<LeftoverProcess>, grace: Duration, report:
     let (remaining, gone): (Vec<_>, Vec<_>) = processes.into_iter().partition(|p| alive(p.pid));
     report.terminated.extend(gone);
     for process in &remaining {
-        warn!(message_id = ids::LEFTOVER_SIGNALLED, pid = process.pid, command = %process.command, signal = "SIGKILL", "leftover process ignored SIGTERM; killing it");
+        warn!(message_id = ids::LEFTOVER_SIGNALLED, pid = process.pid, command = %process.command, signal = "SIGKILL", "leftover process {} ({}) ignored SIGTERM; sending SIGKILL", process.pid, process.command);
         let _ = kill(Pid::from_raw(process.pid), Signal::SIGKILL);
     }
     let deadline = Instant::now() + Duration::from_secs(5);

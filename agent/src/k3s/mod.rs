@@ -220,9 +220,17 @@ impl K3s {
         )
     }
 
-    /// Writes the unit drop-in, K3s config drop-in and Traefik config when
-    /// their content changed; reloads systemd if a unit file changed.
-    pub async fn write_configuration(&self, mount_point: Option<&Path>) -> Result<Vec<PathBuf>, K3sError> {
+    /// Writes the unit drop-in and, unless `fenced`, the K3s config drop-in
+    /// and Traefik config, each only when its content changed; reloads
+    /// systemd if the unit drop-in changed. The unit drop-in is written even
+    /// while fenced: it is what keeps systemd itself from starting K3s on the
+    /// bare mount point at the next boot, before the agent runs. The other
+    /// files may live under the (not yet mounted) data directory.
+    pub async fn write_configuration(
+        &self,
+        mount_point: Option<&Path>,
+        fenced: bool,
+    ) -> Result<Vec<PathBuf>, K3sError> {
         let mut written = Vec::new();
         let write = |path: PathBuf, text: String, written: &mut Vec<PathBuf>| -> Result<bool, K3sError> {
             let changed =
@@ -244,7 +252,7 @@ impl K3s {
                 .join("50-platform-agent.conf");
             unit_changed = write(path, Self::unit_dropin_text(mount_point), &mut written)?;
         }
-        if self.settings.backend == K3sBackendKind::Systemd {
+        if self.settings.backend == K3sBackendKind::Systemd && !fenced {
             if let Some(text) = self
                 .config_text()
                 .filter(|_| !self.settings.config_dropin.as_os_str().is_empty())
@@ -356,8 +364,18 @@ mod tests {
             ..K3sSettings::default()
         };
         let k3s = k3s(dir.path(), settings);
-        let written = k3s.write_configuration(Some(Path::new("/data"))).await.unwrap();
-        assert_eq!(written.len(), 3, "{written:?}");
+        // Fenced (the volume is not ready): only the unit drop-in, which keeps
+        // systemd from starting K3s at boot before /data is mounted; nothing is
+        // written under the data directory.
+        let written = k3s.write_configuration(Some(Path::new("/data")), true).await.unwrap();
+        assert_eq!(
+            written,
+            vec![dir.path().join("units/k3s.service.d/50-platform-agent.conf")]
+        );
+        assert!(!dir.path().join("data").exists());
+        assert!(!dir.path().join("etc").exists());
+        let written = k3s.write_configuration(Some(Path::new("/data")), false).await.unwrap();
+        assert_eq!(written.len(), 2, "{written:?}");
         let unit = std::fs::read_to_string(dir.path().join("units/k3s.service.d/50-platform-agent.conf")).unwrap();
         assert!(unit.contains("RequiresMountsFor=/data\n"), "{unit}");
         let config = std::fs::read_to_string(dir.path().join("etc/config.yaml.d/50-platform-agent.yaml")).unwrap();
@@ -375,7 +393,7 @@ mod tests {
             "{traefik}"
         );
         assert!(k3s
-            .write_configuration(Some(Path::new("/data")))
+            .write_configuration(Some(Path::new("/data")), false)
             .await
             .unwrap()
             .is_empty());

@@ -217,6 +217,30 @@ pub enum MountState {
     },
 }
 
+/// Operator words for journald and status reasons (the serialized form is
+/// for machines).
+impl std::fmt::Display for MountState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MountState::DeviceAbsent { device } => write!(f, "device {device} is not present"),
+            MountState::Mounted => f.write_str("mounted"),
+            MountState::WrongVolume { reason } => write!(f, "wrong volume: {reason}"),
+            MountState::Unmounted => f.write_str("not mounted"),
+            MountState::Busy { holders } => {
+                f.write_str("busy: ")?;
+                for (i, holder) in holders.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("; ")?;
+                    }
+                    write!(f, "{holder}")?;
+                }
+                Ok(())
+            }
+            MountState::Failed { reason } => write!(f, "failed: {reason}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeStatus {
     pub mount_state: MountState,

@@ -10,6 +10,10 @@ NSPAWN_PID=""    # the systemd-nspawn process
 NSPAWN_LEADER="" # the container's PID 1, as a host PID
 NSPAWN_BINDS=()
 NSPAWN_LOOPS=()
+# A test sets NSPAWN_HOST_NETWORK=1 before guest_boot to share the host's
+# network namespace (to reach fixture servers on the host's loopback); the
+# default is a private one.
+NSPAWN_HOST_NETWORK="${NSPAWN_HOST_NETWORK:-0}"
 
 backend_requirements() {
     echo systemd-nspawn nsenter losetup mkfs.ext4 mmdebstrap timeout jq
@@ -29,18 +33,20 @@ backend_attach_disk() {
 }
 
 backend_boot() {
-    local console_log=$1 machine
+    local console_log=$1 machine network=(--private-network)
+    [[ "$NSPAWN_HOST_NETWORK" == 1 ]] && network=()
     machine="pa-$(tr -c 'a-zA-Z0-9\n' - <<<"$TEST_NAME")-$$"
     # --volatile=overlay: the root is the cache behind a tmpfs overlay, so
     #   every boot starts from the same pristine tree and leaves nothing.
     # --register=no --keep-unit: the host has no systemd (or D-Bus) to register
     #   the machine with or to ask for a scope unit.
-    # --private-network: the guest must not touch the host's network.
+    # --private-network (unless NSPAWN_HOST_NETWORK=1): the guest must not
+    #   touch the host's network.
     # Arguments after "--" go to the guest's systemd as its kernel command line:
     # journald copies every journal line to the console, which lib.sh prints
     # when a test fails.
     systemd-nspawn --boot --directory="$NSPAWN_ROOTFS" --volatile=overlay \
-        --register=no --keep-unit --private-network --machine="${machine:0:64}" \
+        --register=no --keep-unit "${network[@]}" --machine="${machine:0:64}" \
         --console=read-only "${NSPAWN_BINDS[@]}" \
         -- systemd.journald.forward_to_console=1 systemd.show_status=no systemd.log_color=0 \
         </dev/null >>"$console_log" 2>&1 &

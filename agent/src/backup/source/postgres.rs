@@ -1,6 +1,9 @@
 //! PostgreSQL: `pg_dump --format=custom` per database, uncompressed (our
 //! zstd does it faster and on all cores); test restore and restore with
-//! `pg_restore` reading the decoded stream on stdin.
+//! `pg_restore` reading the decoded stream on stdin. Roles and tablespaces
+//! live outside every database: `pg_dumpall --globals-only` stores them as
+//! one more target, `_globals`, so that a rebuilt server gets the owners and
+//! logins its restored databases refer to.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -14,6 +17,14 @@ use super::{feed_command, stream_command, SourceError, Target};
 use crate::backup::settings::PostgresSource;
 
 pub const FORMAT: &str = "pg-custom";
+pub const GLOBALS_FORMAT: &str = "pg-globals";
+/// The target of the globals dump. A database of this name is skipped (its
+/// objects would mix with the globals'); no sane cluster has one.
+pub const GLOBALS_TARGET: &str = "_globals";
+const GLOBALS_HEADER: &str = "-- PostgreSQL database cluster dump\n";
+const GLOBALS_TRAILER: &str = "-- PostgreSQL database cluster dump complete\n";
+/// A globals dump is a few KiB; anything near this is not one.
+const GLOBALS_MAX_BYTES: u64 = 64 << 20;
 
 /// How to reach the server: a prepared environment for the client tools,
 /// with the password in a private pgpass file that lives as long as this.
@@ -133,8 +144,21 @@ impl Connection {
         } else {
             self.settings.databases.clone()
         };
+        // Globals first: a restore in catalog order creates the roles before
+        // the databases that name them as owners.
         let mut targets = Vec::new();
+        if self.settings.globals {
+            targets.push(Target {
+                name: GLOBALS_TARGET.into(),
+                format: GLOBALS_FORMAT,
+                extension: "sql",
+            });
+        }
         for name in names {
+            if name == GLOBALS_TARGET {
+                tracing::warn!(database = %name, "skipping a database named like the globals dump's target");
+                continue;
+            }
             if crate::backup::settings::check_target_segment(&name).is_err() {
                 tracing::warn!(database = %name, "skipping a database whose name cannot be an object key");
                 continue;
@@ -145,10 +169,42 @@ impl Connection {
                 extension: "pgdump",
             });
         }
-        if targets.is_empty() {
+        if targets.iter().all(|t| t.format != FORMAT) {
             return Err(SourceError::Invalid("no database to dump".into()));
         }
         Ok(targets)
+    }
+
+    /// Roles (with their password hashes) and tablespaces, as SQL.
+    pub fn dump_globals(&self, out: &mut dyn Write, cancel: &CancellationToken) -> Result<(), SourceError> {
+        let mut cmd = self.command("pg_dumpall");
+        cmd.args(["--globals-only", "--no-password"]);
+        stream_command(cmd, out, cancel)
+    }
+
+    /// Replays a globals dump on the server. Roles that exist already (the
+    /// superuser always does) make their CREATE ROLE fail, which is why
+    /// psql goes on after errors here; the ALTER ROLEs that follow still set
+    /// their attributes and passwords. Success means every role of the dump
+    /// exists afterwards.
+    pub fn restore_globals(&self, input: &mut dyn Read) -> Result<String, SourceError> {
+        let dump = read_globals(input)?;
+        let roles = created_roles(&dump);
+        self.psql("postgres", &format!("\\set ON_ERROR_STOP off\n{dump}"), &[])?;
+        let present: std::collections::HashSet<String> = self
+            .psql("postgres", "SELECT rolname FROM pg_roles;", &[])?
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let missing: Vec<&String> = roles.iter().filter(|r| !present.contains(*r)).collect();
+        if !missing.is_empty() {
+            return Err(SourceError::Failed {
+                program: "psql".into(),
+                status: "globals not applied".into(),
+                stderr: format!("roles still missing after the replay: {missing:?}"),
+            });
+        }
+        Ok(format!("{} roles present", roles.len()))
     }
 
     pub fn dump(&self, database: &str, out: &mut dyn Write, cancel: &CancellationToken) -> Result<(), SourceError> {
@@ -244,4 +300,73 @@ pub fn prepare_restore_target(conn: &Connection, database: &str, force: bool) ->
         conn.drop_database(database)?;
     }
     conn.create_database(database)
+}
+
+fn read_globals(input: &mut dyn Read) -> Result<String, SourceError> {
+    let mut dump = String::new();
+    input
+        .take(GLOBALS_MAX_BYTES)
+        .read_to_string(&mut dump)
+        .map_err(|e| SourceError::io("read the globals dump", e))?;
+    check_globals_text(&dump)?;
+    Ok(dump)
+}
+
+/// A globals dump is complete when pg_dumpall's trailer is there: a cut-off
+/// one (a truncated object) fails here, not half-way through a restore.
+fn check_globals_text(dump: &str) -> Result<(), SourceError> {
+    if !dump.contains(GLOBALS_HEADER) {
+        return Err(SourceError::Invalid("not a pg_dumpall globals dump (no header)".into()));
+    }
+    if !dump.contains(GLOBALS_TRAILER) {
+        return Err(SourceError::Invalid(
+            "the globals dump is truncated (no completion trailer)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The test restore of a globals dump: complete, and how many roles it holds.
+/// Replaying it for a test would change the live server's roles.
+pub fn check_globals(input: &mut dyn Read) -> Result<String, SourceError> {
+    let dump = read_globals(input)?;
+    Ok(format!("globals dump complete: {} roles", created_roles(&dump).len()))
+}
+
+/// Role names of the dump's `CREATE ROLE name;` lines, unquoted.
+fn created_roles(dump: &str) -> Vec<String> {
+    dump.lines()
+        .filter_map(|line| line.strip_prefix("CREATE ROLE ")?.strip_suffix(';'))
+        .map(|name| match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+            Some(quoted) => quoted.replace("\"\"", "\""),
+            None => name.to_string(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DUMP: &str = "--\n-- PostgreSQL database cluster dump\n--\n\nCREATE ROLE postgres;\nALTER ROLE postgres WITH SUPERUSER;\nCREATE ROLE \"App \"\"Reader\"\"\";\n\n--\n-- PostgreSQL database cluster dump complete\n--\n\n";
+
+    #[test]
+    fn globals_roles_are_read_from_create_role_lines() {
+        assert_eq!(
+            created_roles(DUMP),
+            vec!["postgres".to_string(), "App \"Reader\"".to_string()]
+        );
+        assert_eq!(
+            check_globals(&mut DUMP.as_bytes()).unwrap(),
+            "globals dump complete: 2 roles"
+        );
+    }
+
+    #[test]
+    fn a_truncated_globals_dump_is_refused() {
+        let cut = &DUMP[..DUMP.len() - 50];
+        let err = check_globals(&mut cut.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        assert!(check_globals(&mut "SELECT 1;".as_bytes()).is_err());
+    }
 }
