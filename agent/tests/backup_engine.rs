@@ -236,3 +236,29 @@ async fn shutdown_aborts_a_running_upload_and_records_it() {
     let after = engine.service.backup_now("long", Progress::default()).await;
     assert!(matches!(after, Err(BackupError::ShuttingDown)), "{after:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_restore_drill_tests_the_newest_backup() {
+    let engine = engine(1, 0, |base| {
+        vec![BackupJob {
+            verify_schedule: "* * * * * *".into(),
+            ..files_job("drilled", base)
+        }]
+    });
+    let runs = engine.service.backup_now("drilled", Progress::default()).await.unwrap();
+    let id = runs[0].id;
+    assert_eq!(runs[0].tested_ms, None, "{runs:#?}");
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(engine.service.clone().run(cancel.clone()));
+    // The drill fires on its own schedule (no backup schedule is set): the
+    // catalog row gets a test time and the test restore's result.
+    let row = wait_until!("the drill to test the backup", Duration::from_secs(20), {
+        let rows = engine.service.list(Some("drilled"), 10).await.unwrap();
+        rows.into_iter().find(|r| r.id == id && r.tested_ms.is_some())
+    });
+    assert!(row.test_result.as_deref().is_some_and(|t| !t.is_empty()), "{row:#?}");
+    let rows = engine.service.list(Some("drilled"), 10).await.unwrap();
+    assert_eq!(rows.len(), 1, "a drill makes no new backup: {rows:#?}");
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
