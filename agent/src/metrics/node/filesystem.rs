@@ -349,7 +349,7 @@ impl Filesystem {
         };
         let due = entry
             .refreshed
-            .map_or(true, |at| now.duration_since(at) >= NETWORK_REFRESH);
+            .is_none_or(|at| now.duration_since(at) >= NETWORK_REFRESH);
         if entry.in_flight_since.is_none() && due {
             entry.in_flight_since = Some(now);
             let (stat, network, mountpoint) = (self.stat.clone(), self.network.clone(), mount.mountpoint.clone());
