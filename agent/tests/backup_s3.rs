@@ -1,11 +1,11 @@
-//! The S3 object store against a real S3 server (s3s-fs, which checks
-//! signatures and payload hashes and refuses parts under 5 MiB): streaming
-//! multipart uploads with the SHA-256 in the object's metadata, nothing
-//! under the key after a failed upload, and the multipart journal that lets
-//! a restart abort what a crash left behind.
+//! The S3 object store against two real S3 servers, each test once per
+//! server: s3s-fs (checks signatures and payload hashes, refuses parts under
+//! 5 MiB) and Garage (a real self-hosted store that keeps and lists multipart
+//! uploads): streaming multipart uploads with the SHA-256 in the object's
+//! metadata, nothing under the key after a failed upload, and the multipart
+//! journal that lets a restart abort what a crash left behind.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,21 +14,20 @@ use platform_agent::backup::Catalog;
 use platform_agent::config::S3Settings;
 use platform_agent::objstore::{ObjectStore, OpenOptions, S3Store, UploadJournal};
 use platform_agent::store::Store;
-use platform_agent_testsupport::S3Server;
+use platform_agent_testsupport::{Garage, S3Fixture, S3Server};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, ReadBuf};
 
 const BUCKET: &str = "backups";
 
-struct Setup {
-    s3: S3Server,
+struct Setup<S> {
+    s3: S,
     _dir: tempfile::TempDir,
     catalog: Catalog,
     store: S3Store,
 }
 
-fn setup(prefix: &str) -> Setup {
-    let s3 = S3Server::start();
+fn setup<S: S3Fixture>(s3: S, prefix: &str) -> Setup<S> {
     s3.create_bucket(BUCKET);
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("access_key");
@@ -73,21 +72,34 @@ fn random_bytes(len: usize) -> Vec<u8> {
     out
 }
 
-/// s3s-fs keeps `.upload-<id>.json` per multipart upload in flight.
-fn pending_uploads(data_dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(data_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy();
-            name.starts_with(".upload-") || name.starts_with(".upload_id-")
-        })
-        .collect()
+/// Each test body once per server.
+macro_rules! on_both_servers {
+    ($($body:ident),* $(,)?) => {
+        mod s3s_fs {
+            $(#[tokio::test]
+            async fn $body() {
+                super::$body(super::S3Server::start()).await
+            })*
+        }
+        mod garage {
+            $(#[tokio::test]
+            async fn $body() {
+                super::$body(super::Garage::start()).await
+            })*
+        }
+    };
 }
 
-#[tokio::test]
-async fn multipart_upload_streams_and_records_the_sha256() {
-    let setup = setup("node1/");
+on_both_servers!(
+    multipart_upload_streams_and_records_the_sha256,
+    a_failed_body_aborts_the_upload_and_leaves_no_object,
+    recover_aborts_what_a_crash_left_in_flight,
+    an_unreachable_server_keeps_the_journal_entry_for_later,
+    recover_leaves_an_upload_in_flight_alone,
+);
+
+async fn multipart_upload_streams_and_records_the_sha256<S: S3Fixture>(s3: S) {
+    let setup = setup(s3, "node1/");
     let data = random_bytes(12 * 1024 * 1024 + 12345);
     let meta = BTreeMap::from([("pa-job".to_string(), "pg".to_string())]);
     let info = setup
@@ -99,9 +111,9 @@ async fn multipart_upload_streams_and_records_the_sha256() {
     assert_eq!(info.size, data.len() as u64);
     assert_eq!(info.sha256, expected);
 
-    // The object sits under the prefix, complete, on the server's disk.
-    let on_disk = std::fs::read(setup.s3.data_dir().join(BUCKET).join("node1/pg/app/one.pgdump")).unwrap();
-    assert_eq!(hex::encode(Sha256::digest(&on_disk)), expected);
+    // The object sits under the prefix, complete, as the server serves it.
+    let stored = setup.s3.get_object(BUCKET, "node1/pg/app/one.pgdump").unwrap();
+    assert_eq!(hex::encode(Sha256::digest(&stored)), expected);
 
     let head = setup.store.head("pg/app/one.pgdump").await.unwrap().unwrap();
     assert_eq!(head.sha256, expected, "SHA-256 is in the object's metadata");
@@ -131,7 +143,7 @@ async fn multipart_upload_streams_and_records_the_sha256() {
 
     setup.store.delete("pg/app/one.pgdump").await.unwrap();
     assert!(setup.store.head("pg/app/one.pgdump").await.unwrap().is_none());
-    assert!(pending_uploads(setup.s3.data_dir()).is_empty());
+    assert!(setup.s3.pending_uploads(BUCKET).is_empty());
     assert!(
         setup.catalog.pending().await.unwrap().is_empty(),
         "journal is empty after success"
@@ -157,9 +169,8 @@ impl AsyncRead for FailingBody {
     }
 }
 
-#[tokio::test]
-async fn a_failed_body_aborts_the_upload_and_leaves_no_object() {
-    let setup = setup("");
+async fn a_failed_body_aborts_the_upload_and_leaves_no_object<S: S3Fixture>(s3: S) {
+    let setup = setup(s3, "");
     let mut body = FailingBody {
         data: random_bytes(11 * 1024 * 1024),
         pos: 0,
@@ -171,10 +182,10 @@ async fn a_failed_body_aborts_the_upload_and_leaves_no_object() {
         .unwrap_err();
     assert!(err.to_string().contains("pg_dump died"), "{err}");
     assert!(setup.store.head("files/x.tar").await.unwrap().is_none());
-    assert!(!setup.s3.data_dir().join(BUCKET).join("files/x.tar").exists());
+    assert!(setup.s3.get_object(BUCKET, "files/x.tar").is_none());
     assert_eq!(
-        pending_uploads(setup.s3.data_dir()),
-        Vec::<PathBuf>::new(),
+        setup.s3.pending_uploads(BUCKET),
+        Vec::<String>::new(),
         "the multipart upload was aborted"
     );
     assert!(setup.catalog.pending().await.unwrap().is_empty());
@@ -195,9 +206,8 @@ impl AsyncRead for EndlessBody {
     }
 }
 
-#[tokio::test]
-async fn recover_aborts_what_a_crash_left_in_flight() {
-    let setup = setup("");
+async fn recover_aborts_what_a_crash_left_in_flight<S: S3Fixture>(s3: S) {
+    let setup = setup(s3, "");
     // Two parts' worth, then the source hangs; dropping the future stands
     // in for the agent being killed: nothing runs the abort.
     let mut body = EndlessBody(10 * 1024 * 1024 + 1);
@@ -209,20 +219,19 @@ async fn recover_aborts_what_a_crash_left_in_flight() {
         "recorded before the first part"
     );
     assert!(
-        !pending_uploads(setup.s3.data_dir()).is_empty(),
+        !setup.s3.pending_uploads(BUCKET).is_empty(),
         "the upload is on the server"
     );
 
     let removed = setup.store.recover().await.unwrap();
     assert_eq!(removed.len(), 1, "{removed:?}");
-    assert!(pending_uploads(setup.s3.data_dir()).is_empty(), "aborted on the server");
+    assert!(setup.s3.pending_uploads(BUCKET).is_empty(), "aborted on the server");
     assert!(setup.catalog.pending().await.unwrap().is_empty());
     assert!(setup.store.head("k3s/sqlite/x.tar").await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn an_unreachable_server_keeps_the_journal_entry_for_later() {
-    let mut setup = setup("");
+async fn an_unreachable_server_keeps_the_journal_entry_for_later<S: S3Fixture>(s3: S) {
+    let mut setup = setup(s3, "");
     let mut body = EndlessBody(6 * 1024 * 1024);
     let put = setup.store.put("x/y", &mut body, BTreeMap::new());
     let _ = tokio::time::timeout(std::time::Duration::from_secs(3), put).await;
@@ -231,13 +240,12 @@ async fn an_unreachable_server_keeps_the_journal_entry_for_later() {
     assert_eq!(setup.catalog.pending().await.unwrap().len(), 1, "kept for the next try");
     setup.s3.start_again();
     assert_eq!(setup.store.recover().await.unwrap().len(), 1);
-    assert!(pending_uploads(setup.s3.data_dir()).is_empty());
+    assert!(setup.s3.pending_uploads(BUCKET).is_empty());
 }
 
-#[tokio::test]
-async fn recover_leaves_an_upload_in_flight_alone() {
+async fn recover_leaves_an_upload_in_flight_alone<S: S3Fixture>(s3: S) {
     use tokio::io::AsyncWriteExt;
-    let setup = setup("");
+    let setup = setup(s3, "");
     let data = random_bytes(7 * 1024 * 1024);
     let (mut tx, mut rx) = tokio::io::duplex(64 * 1024);
     let put = setup.store.put("files/live.tar", &mut rx, BTreeMap::new());

@@ -1,5 +1,6 @@
 //! Real servers for platform-agent's integration tests: PostgreSQL 15, OpenBao
-//! (raft storage) and an S3 server (s3s-fs).
+//! (raft storage) and two S3 servers (s3s-fs, and Garage for the realistic
+//! tier).
 //!
 //! Each fixture runs on free loopback ports in its own temporary directory,
 //! is ready when `start()` returns, and is killed and removed on drop. The
@@ -18,13 +19,72 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod garage;
 mod openbao;
 mod postgres;
 mod s3;
 
+pub use garage::Garage;
 pub use openbao::OpenBao;
 pub use postgres::{make_writable_by_postgres, Postgres, PostgresBuilder};
 pub use s3::{S3Response, S3Server};
+
+/// What the object-store tests need of an S3 server, whichever it is, so
+/// that one test body runs against s3s-fs and Garage alike.
+pub trait S3Fixture {
+    fn endpoint(&self) -> String;
+    fn access_key(&self) -> &str;
+    fn secret_key(&self) -> &str;
+    fn create_bucket(&self, name: &str);
+    fn request(&self, method: &str, path_and_query: &str, body: Option<&[u8]>) -> S3Response;
+    fn stop(&mut self);
+    fn start_again(&mut self);
+    /// Multipart uploads begun in `bucket` and neither completed nor aborted.
+    fn pending_uploads(&self, bucket: &str) -> Vec<String>;
+
+    /// GetObject: `Some(bytes)`, or `None` when the server answers 404.
+    fn get_object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let resp = self.request("GET", &format!("/{bucket}/{key}"), None);
+        match resp.status {
+            200 => Some(resp.body),
+            404 => None,
+            s => panic!("GetObject {bucket}/{key}: HTTP {s}: {}", resp.text()),
+        }
+    }
+}
+
+macro_rules! s3_fixture_by_inherent_methods {
+    ($fixture:ty) => {
+        impl S3Fixture for $fixture {
+            fn endpoint(&self) -> String {
+                <$fixture>::endpoint(self)
+            }
+            fn access_key(&self) -> &str {
+                <$fixture>::access_key(self)
+            }
+            fn secret_key(&self) -> &str {
+                <$fixture>::secret_key(self)
+            }
+            fn create_bucket(&self, name: &str) {
+                <$fixture>::create_bucket(self, name)
+            }
+            fn request(&self, method: &str, path_and_query: &str, body: Option<&[u8]>) -> S3Response {
+                <$fixture>::request(self, method, path_and_query, body)
+            }
+            fn stop(&mut self) {
+                <$fixture>::stop(self)
+            }
+            fn start_again(&mut self) {
+                <$fixture>::start_again(self)
+            }
+            fn pending_uploads(&self, bucket: &str) -> Vec<String> {
+                <$fixture>::pending_uploads(self, bucket)
+            }
+        }
+    };
+}
+s3_fixture_by_inherent_methods!(S3Server);
+s3_fixture_by_inherent_methods!(Garage);
 
 /// Default for `PLATFORM_AGENT_FIXTURES`, the directory install.sh fills.
 pub const DEFAULT_FIXTURES_DIR: &str = "/var/cache/platform-agent-fixtures";
@@ -43,6 +103,9 @@ pub struct FixturePaths {
     pub bao_bin: PathBuf,
     /// The s3s-fs binary.
     pub s3s_fs_bin: PathBuf,
+    /// The garage binary (the realistic S3 tier); `None` in an env file
+    /// written before install.sh built it.
+    pub garage_bin: Option<PathBuf>,
 }
 
 /// Reads the fixtures' env file once per process.
@@ -76,6 +139,7 @@ pub fn fixture_paths() -> &'static FixturePaths {
             pg_bin: get("PG_BIN"),
             bao_bin: get("BAO_BIN"),
             s3s_fs_bin: get("S3S_FS_BIN"),
+            garage_bin: vars.get("GARAGE_BIN").filter(|v| !v.is_empty()).map(PathBuf::from),
             dir,
         }
     })

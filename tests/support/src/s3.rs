@@ -168,53 +168,18 @@ impl S3Server {
         access_key: &str,
         secret_key: &str,
     ) -> Result<S3Response, String> {
-        let url = format!("{}{}", self.endpoint(), path_and_query);
-        let payload = body.unwrap_or(&[]);
-        // s3s insists on x-amz-content-sha256, which this curl's SigV4 does
-        // not add; curl signs the headers it is given, this one included.
-        let digest = hex(&Sha256::digest(payload));
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--noproxy", "*", "--max-time", "60", "-X", method])
-            .args(["--aws-sigv4", &format!("aws:amz:{REGION}:s3")])
-            .args(["--user", &format!("{access_key}:{secret_key}")])
-            .args(["-H", &format!("x-amz-content-sha256: {digest}")])
-            // Status on stderr keeps stdout for the body alone.
-            .args(["-w", "%{stderr}\nHTTP_STATUS=%{http_code}\n"]);
-        if body.is_some() {
-            cmd.args(["--data-binary", "@-", "-H", "Content-Type: application/octet-stream"]);
-        }
-        cmd.arg(&url)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| format!("cannot run curl: {e}"))?;
-        let mut stdin = child.stdin.take().expect("curl stdin");
-        // Feed the body from another thread: curl may start answering (and
-        // fill the stdout pipe) before it has read all of it.
-        let payload_owned = payload.to_vec();
-        let writer = std::thread::spawn(move || {
-            let _ = stdin.write_all(&payload_owned);
-        });
-        let out = child.wait_with_output().map_err(|e| format!("curl: {e}"))?;
-        let _ = writer.join();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let status = stderr
-            .lines()
-            .rev()
-            .find_map(|l| l.strip_prefix("HTTP_STATUS="))
-            .and_then(|s| s.trim().parse::<u16>().ok())
-            .unwrap_or(0);
-        if !out.status.success() || status == 0 {
-            return Err(format!(
-                "{method} {url}: no HTTP answer ({}): {}",
-                out.status,
-                stderr.trim()
-            ));
-        }
-        Ok(S3Response {
-            status,
-            body: out.stdout,
-        })
+        signed_request(&self.endpoint(), method, path_and_query, body, access_key, secret_key)
+    }
+
+    /// Multipart uploads in flight: s3s-fs keeps an `.upload-<id>.json` (or
+    /// `.upload_id-`) file per upload in its data directory, whatever the
+    /// bucket (it has no ListMultipartUploads).
+    pub fn pending_uploads(&self, _bucket: &str) -> Vec<String> {
+        std::fs::read_dir(&self.data_dir)
+            .expect("read the s3s-fs data dir")
+            .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(".upload-") || name.starts_with(".upload_id-"))
+            .collect()
     }
 
     /// Kills the server (SIGKILL), as a crash or network loss would look to
@@ -279,4 +244,64 @@ impl Drop for S3Server {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One S3 request signed (SigV4, region `us-east-1`) by curl's `--aws-sigv4`
+/// with the given credentials; `Err` when no HTTP answer came back. Serves
+/// every S3 fixture, so tests need no S3 client of their own.
+pub(crate) fn signed_request(
+    endpoint: &str,
+    method: &str,
+    path_and_query: &str,
+    body: Option<&[u8]>,
+    access_key: &str,
+    secret_key: &str,
+) -> Result<S3Response, String> {
+    let url = format!("{endpoint}{path_and_query}");
+    let payload = body.unwrap_or(&[]);
+    // s3s insists on x-amz-content-sha256, which this curl's SigV4 does
+    // not add; curl signs the headers it is given, this one included.
+    let digest = hex(&Sha256::digest(payload));
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--noproxy", "*", "--max-time", "60", "-X", method])
+        .args(["--aws-sigv4", &format!("aws:amz:{REGION}:s3")])
+        .args(["--user", &format!("{access_key}:{secret_key}")])
+        .args(["-H", &format!("x-amz-content-sha256: {digest}")])
+        // Status on stderr keeps stdout for the body alone.
+        .args(["-w", "%{stderr}\nHTTP_STATUS=%{http_code}\n"]);
+    if body.is_some() {
+        cmd.args(["--data-binary", "@-", "-H", "Content-Type: application/octet-stream"]);
+    }
+    cmd.arg(&url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run curl: {e}"))?;
+    let mut stdin = child.stdin.take().expect("curl stdin");
+    // Feed the body from another thread: curl may start answering (and
+    // fill the stdout pipe) before it has read all of it.
+    let payload_owned = payload.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&payload_owned);
+    });
+    let out = child.wait_with_output().map_err(|e| format!("curl: {e}"))?;
+    let _ = writer.join();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let status = stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("HTTP_STATUS="))
+        .and_then(|s| s.trim().parse::<u16>().ok())
+        .unwrap_or(0);
+    if !out.status.success() || status == 0 {
+        return Err(format!(
+            "{method} {url}: no HTTP answer ({}): {}",
+            out.status,
+            stderr.trim()
+        ));
+    }
+    Ok(S3Response {
+        status,
+        body: out.stdout,
+    })
 }
