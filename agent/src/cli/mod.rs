@@ -741,7 +741,10 @@ fn render_status(status: &Status) -> String {
                 .gitops_status
                 .as_ref()
                 .map(|g| {
-                    let applied = g.applied_revision.as_deref().map_or("nothing", |r| &r[..r.len().min(12)]);
+                    let applied = g
+                        .applied_revision
+                        .as_deref()
+                        .map_or("nothing", |r| &r[..r.len().min(12)]);
                     format!(
                         "{} {}: applied {applied}, {} files managed",
                         g.url, g.reference, g.files_managed

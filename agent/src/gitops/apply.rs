@@ -195,11 +195,9 @@ pub fn place_secrets(secrets: &[BootstrapSecret]) -> Result<usize, ApplyError> {
             source,
         })?;
         let mode = secret.mode_bits().map_err(ApplyError::Invalid)?;
-        if crate::fsutil::write_if_changed(&secret.destination, &content, mode).map_err(|source| {
-            ApplyError::Write {
-                path: secret.destination.clone(),
-                source,
-            }
+        if crate::fsutil::write_if_changed(&secret.destination, &content, mode).map_err(|source| ApplyError::Write {
+            path: secret.destination.clone(),
+            source,
         })? {
             written += 1;
         }

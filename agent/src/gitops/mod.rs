@@ -208,7 +208,12 @@ impl GitopsService {
     }
 
     /// One pass; updates status and the journal whatever its outcome.
-    async fn pass(&mut self, settings: &GitopsSettings, state_dir: &Path, diff: bool) -> Result<ReconcileReport, String> {
+    async fn pass(
+        &mut self,
+        settings: &GitopsSettings,
+        state_dir: &Path,
+        diff: bool,
+    ) -> Result<ReconcileReport, String> {
         let started = unix_now();
         let result = self.try_pass(settings, state_dir, diff).await;
         let reference = settings.git_ref().describe();
@@ -262,7 +267,14 @@ impl GitopsService {
                     g.verified_by = report.verified_by.clone();
                     g.last_attempt_at = Some(started);
                     g.last_success_at = Some(unix_now());
-                    g.last_result = Some(if report.prune_refused.is_some() { "failure" } else { "success" }.into());
+                    g.last_result = Some(
+                        if report.prune_refused.is_some() {
+                            "failure"
+                        } else {
+                            "success"
+                        }
+                        .into(),
+                    );
                     g.last_error = report.prune_refused.clone();
                     g.files_managed = counts.managed;
                     g.files_written = counts.written;
@@ -313,7 +325,12 @@ impl GitopsService {
         };
         let fetch = tokio::task::spawn_blocking(move || source::fetch(&spec));
         let snapshot = match tokio::time::timeout(FETCH_TIMEOUT, fetch).await {
-            Err(_) => return Err(format!("fetch timed out after {}", humantime::format_duration(FETCH_TIMEOUT))),
+            Err(_) => {
+                return Err(format!(
+                    "fetch timed out after {}",
+                    humantime::format_duration(FETCH_TIMEOUT)
+                ))
+            }
             Ok(Err(err)) => return Err(format!("fetch task failed: {err}")),
             Ok(Ok(Err(err))) => return Err(err.to_string()),
             Ok(Ok(Ok(snapshot))) => snapshot,
@@ -464,8 +481,11 @@ async fn record(
                  WHERE gitops_applied.revision != excluded.revision",
                 params![revision, now],
             )?;
-            let managed: i64 =
-                tx.query_row("SELECT count(*) FROM gitops_files WHERE dir = ?1", params![dir], |row| row.get(0))?;
+            let managed: i64 = tx.query_row(
+                "SELECT count(*) FROM gitops_files WHERE dir = ?1",
+                params![dir],
+                |row| row.get(0),
+            )?;
             tx.commit()?;
             Ok(managed as u64)
         })
@@ -475,9 +495,11 @@ async fn record(
 async fn load_applied(store: &Store) -> Result<Option<(String, u64)>, crate::store::StoreError> {
     store
         .call("read the applied gitops revision", |conn| {
-            conn.query_row("SELECT revision, applied_at FROM gitops_applied WHERE id = 1", [], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
-            })
+            conn.query_row(
+                "SELECT revision, applied_at FROM gitops_applied WHERE id = 1",
+                [],
+                |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64)),
+            )
             .optional()
         })
         .await

@@ -35,7 +35,11 @@ pub enum RenderError {
         reason: String,
     },
     #[error("{first} and {second} both become {name} in the manifests directory; rename one")]
-    Collision { first: String, second: String, name: String },
+    Collision {
+        first: String,
+        second: String,
+        name: String,
+    },
     #[error("{path}: {reason}")]
     BadName { path: String, reason: String },
 }
@@ -155,7 +159,9 @@ fn follow(
         } else if let Some(child) = kustomization_in(files, &path) {
             follow(files, &child, seen, out)?;
         } else if files.keys().any(|f| f.starts_with(&format!("{path}/"))) {
-            return Err(fail("a directory resource needs a kustomization.yaml of its own".into()));
+            return Err(fail(
+                "a directory resource needs a kustomization.yaml of its own".into(),
+            ));
         } else {
             return Err(fail("no such file or directory in the commit".into()));
         }

@@ -231,7 +231,10 @@ impl GitopsSettings {
         }
         if !self.ssh_key_file.as_os_str().is_empty() || !self.known_hosts_file.as_os_str().is_empty() {
             if !ssh {
-                fail("ssh_key_file", "ssh_key_file and known_hosts_file are for ssh URLs".into());
+                fail(
+                    "ssh_key_file",
+                    "ssh_key_file and known_hosts_file are for ssh URLs".into(),
+                );
             } else {
                 for (key, path) in [
                     ("ssh_key_file", &self.ssh_key_file),
@@ -307,14 +310,14 @@ fn valid_ref_name(name: &str) -> bool {
         && !name.contains("..")
         && !name.contains("//")
         && !name.starts_with('-')
-        && name
-            .chars()
-            .all(|c| !c.is_control() && !" ~^:?*[\\".contains(c))
+        && name.chars().all(|c| !c.is_control() && !" ~^:?*[\\".contains(c))
 }
 
 fn check_subdir(subdir: &str) -> Result<(), String> {
     if subdir.starts_with('/') {
-        return Err(format!("{subdir:?}: a directory inside the repository, without a leading '/'"));
+        return Err(format!(
+            "{subdir:?}: a directory inside the repository, without a leading '/'"
+        ));
     }
     if subdir.split('/').any(|part| part == "..") {
         return Err(format!("{subdir:?} must not leave the repository"));

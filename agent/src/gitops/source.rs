@@ -82,6 +82,7 @@ pub fn fetch(spec: &FetchSpec) -> Result<Snapshot, SourceError> {
         reason,
     };
     let refspec = spec.git_ref.refspec();
+    let has_token = spec.token.is_some();
     let remote = repo
         .remote_at(spec.url.as_str())
         .map_err(|e| fetch_error(e.to_string()))?
@@ -92,7 +93,14 @@ pub fn fetch(spec: &FetchSpec) -> Result<Snapshot, SourceError> {
         .map_err(|e| fetch_error(chain(&e)))?
         // Never ask helpers or a terminal: the token (if any) is already in
         // the request headers, so a request for credentials means it was refused.
-        .with_credentials(|_action| Ok(None));
+        .with_credentials(|_action| {
+            let reason = if has_token {
+                "the server refused the token (HTTP 401); check gitops.token_file and the token's scopes"
+            } else {
+                "the server asks for credentials (HTTP 401) and gitops.token_file is not set"
+            };
+            Err(gix::Error::from_error(std::io::Error::other(reason)))
+        });
     let outcome = connection
         .prepare_fetch(gix::progress::Discard, Default::default())
         .map_err(|e| fetch_error(chain(&e)))?
