@@ -623,3 +623,138 @@ fn a_missing_branch_or_directory_is_an_error_not_an_empty_apply() {
     assert!(stderr.contains("no directory \"bootstrap\""), "{stderr}");
     assert_eq!(manifest(&daemon, "gitops-a.yaml").unwrap(), yaml("a"));
 }
+
+#[test]
+fn a_tag_is_followed_when_configured_instead_of_a_branch() {
+    let repo = Repo::new();
+    repo.commit(&[("bootstrap/a.yaml", Some(&yaml("v1")))]);
+    repo.git(&["tag", "-a", "-m", "release", "v1"], &repo.work());
+    repo.git(&["push", "-q", "../root/repo.git", "v1"], &repo.work());
+    // main moves on; the agent stays on the tag.
+    repo.commit(&[("bootstrap/a.yaml", Some(&yaml("main")))]);
+    let config = gitops_config(&repo.url(), "poll_interval = \"1h\"").replace("branch = \"main\"", "tag = \"v1\"");
+    let daemon = Daemon::start(&config);
+    wait_content(&daemon, "gitops-a.yaml", &yaml("v1"), Duration::from_secs(10));
+    assert_eq!(gitops_status(&daemon)["reference"], "tag v1");
+
+    // The tag is moved (force-pushed): the next pass follows it.
+    repo.git(&["tag", "-f", "-a", "-m", "release", "v1"], &repo.work());
+    repo.git(&["push", "-q", "-f", "../root/repo.git", "v1"], &repo.work());
+    let (ok, _, stderr) = reconcile(&daemon, &[]);
+    assert!(ok, "{stderr}");
+    assert_eq!(manifest(&daemon, "gitops-a.yaml").unwrap(), yaml("main"));
+}
+
+/// A real OpenSSH server on a free port, logging in the current user with
+/// one authorized key; the repository is served by `git-upload-pack` as git
+/// hosts do.
+struct Sshd {
+    child: Child,
+    port: u16,
+    host_public_key: String,
+}
+
+impl Sshd {
+    fn start(dir: &Path, authorized_key: &str) -> Sshd {
+        keygen(&dir.join("host_key"), "host");
+        std::fs::write(dir.join("authorized_keys"), authorized_key).unwrap();
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "ListenAddress 127.0.0.1:{port}\nHostKey {}\nPidFile none\nAuthorizedKeysFile {}\n\
+                 StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+                 PermitRootLogin prohibit-password\n",
+                dir.join("host_key").display(),
+                dir.join("authorized_keys").display()
+            ),
+        )
+        .unwrap();
+        // sshd's privilege separation directory.
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("sshd listening", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(drop)
+        });
+        let host_public_key = std::fs::read_to_string(dir.join("host_key.pub")).unwrap();
+        Sshd {
+            child,
+            port,
+            host_public_key,
+        }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn keygen(path: &Path, comment: &str) {
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn over_ssh_with_a_key_and_strict_host_key_checking() {
+    if !common::is_root() || !Path::new("/usr/sbin/sshd").exists() {
+        eprintln!("skipped: needs root and openssh-server (tests/fixtures/install.sh installs it)");
+        return;
+    }
+    let repo = Repo::new();
+    repo.commit(&[("bootstrap/a.yaml", Some(&yaml("ssh")))]);
+    let ssh_dir = repo.dir.path().join("ssh");
+    std::fs::create_dir_all(&ssh_dir).unwrap();
+    keygen(&ssh_dir.join("client_key"), "agent");
+    let client_public = std::fs::read_to_string(ssh_dir.join("client_key.pub")).unwrap();
+    let sshd = Sshd::start(&ssh_dir, &client_public);
+    let known_hosts = ssh_dir.join("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        format!("[127.0.0.1]:{} {}", sshd.port, sshd.host_public_key),
+    )
+    .unwrap();
+    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .name;
+    let url = format!("ssh://{user}@127.0.0.1:{}{}", sshd.port, repo.bare().display());
+    let daemon = Daemon::start(&gitops_config(
+        &url,
+        &format!(
+            "poll_interval = \"1h\"\nssh_key_file = \"{}\"\nknown_hosts_file = \"{}\"",
+            ssh_dir.join("client_key").display(),
+            known_hosts.display()
+        ),
+    ));
+    wait_content(&daemon, "gitops-a.yaml", &yaml("ssh"), Duration::from_secs(15));
+
+    // A host key that is not the known one: refused, nothing applied.
+    keygen(&ssh_dir.join("other_host_key"), "impostor");
+    let impostor = std::fs::read_to_string(ssh_dir.join("other_host_key.pub")).unwrap();
+    std::fs::write(&known_hosts, format!("[127.0.0.1]:{} {}", sshd.port, impostor)).unwrap();
+    repo.commit(&[("bootstrap/a.yaml", Some(&yaml("after")))]);
+    let (ok, _, stderr) = reconcile(&daemon, &[]);
+    assert!(!ok, "an unknown host key must fail the pass");
+    assert!(
+        stderr.contains("fetching branch main") && stderr.contains("ssh's own message"),
+        "{stderr}"
+    );
+    assert_eq!(manifest(&daemon, "gitops-a.yaml").unwrap(), yaml("ssh"));
+}

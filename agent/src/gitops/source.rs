@@ -76,10 +76,17 @@ pub enum SourceError {
 /// Fetches and reads the commit `spec` names.
 pub fn fetch(spec: &FetchSpec) -> Result<Snapshot, SourceError> {
     let repo = open_repo(spec)?;
+    let ssh = super::settings::is_ssh_url(&spec.url);
     let fetch_error = |reason: String| SourceError::Fetch {
         url: spec.url.clone(),
         what: spec.git_ref.describe(),
-        reason,
+        // gix passes the ssh program's stderr (host key verification and
+        // the like) through to ours, that is to the journal.
+        reason: if ssh {
+            format!("{reason} (ssh's own message is in the agent's log)")
+        } else {
+            reason
+        },
     };
     let refspec = spec.git_ref.refspec();
     let has_token = spec.token.is_some();
