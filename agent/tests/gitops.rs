@@ -324,8 +324,10 @@ fn mass_removal_beyond_the_fraction_is_refused() {
         ("bootstrap/f3.yaml", None),
         ("bootstrap/f4.yaml", None),
     ]);
-    let (_, stdout, _) = reconcile(&daemon, &[]);
+    let out = daemon.cli(&["reconcile"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("prune refused"), "{stdout}");
+    assert_eq!(out.status.code(), Some(73), "a refused prune is not a silent success");
     for i in 1..=4 {
         assert_eq!(
             manifest(&daemon, &format!("gitops-f{i}.yaml")).unwrap(),

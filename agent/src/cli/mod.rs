@@ -667,13 +667,22 @@ fn client_command(global: &GlobalArgs, sources: &ConfigSources, command: Command
         Command::Backup(command) => backup_command(global, sources, command),
         Command::Restore(args) => restore_command(global, sources, args),
         Command::Reconcile { diff, json } => match call(global, sources, Request::Reconcile { diff })? {
-            Response::Reconciled { report } if json => {
-                print_json(&report);
-                Ok(())
-            }
             Response::Reconciled { report } => {
-                print!("{}", crate::gitops::render_report(&report));
-                Ok(())
+                if json {
+                    print_json(&report);
+                } else {
+                    print!("{}", crate::gitops::render_report(&report));
+                }
+                // The files were applied but the prune was not: scripts
+                // must see that (exit 73, as for other refusals).
+                match report.prune_refused {
+                    Some(reason) if !report.dry_run => Err(ClientError::Refused {
+                        request: "reconcile",
+                        code: ErrorCode::Refused,
+                        message: reason,
+                    }),
+                    _ => Ok(()),
+                }
             }
             other => Err(unexpected(other)),
         },
