@@ -760,3 +760,21 @@ fn over_ssh_with_a_key_and_strict_host_key_checking() {
     );
     assert_eq!(manifest(&daemon, "gitops-a.yaml").unwrap(), yaml("ssh"));
 }
+
+#[test]
+fn rewritten_history_is_followed() {
+    let repo = Repo::new();
+    repo.commit(&[("bootstrap/a.yaml", Some(&yaml("before")))]);
+    let daemon = Daemon::start(&gitops_config(&repo.url(), "poll_interval = \"1h\""));
+    wait_content(&daemon, "gitops-a.yaml", &yaml("before"), Duration::from_secs(10));
+    // Amend and force-push: the old head is no longer an ancestor.
+    std::fs::write(repo.work().join("bootstrap/a.yaml"), yaml("amended")).unwrap();
+    repo.git(&["commit", "-q", "-a", "--amend", "-m", "rewritten"], &repo.work());
+    repo.git(&["push", "-q", "-f", "../root/repo.git", "main"], &repo.work());
+    let head = repo.git(&["rev-parse", "HEAD"], &repo.work());
+    let (ok, stdout, stderr) = reconcile(&daemon, &[]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("(rewritten)"), "{stdout}");
+    assert_eq!(manifest(&daemon, "gitops-a.yaml").unwrap(), yaml("amended"));
+    assert_eq!(gitops_status(&daemon)["applied_revision"], head.as_str());
+}

@@ -179,6 +179,11 @@ impl GitopsService {
                 }
                 continue;
             }
+            self.status.update(|s| {
+                if s.gitops == Health::Disabled {
+                    s.gitops = Health::Starting;
+                }
+            });
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep_until(next_poll) => {

@@ -285,4 +285,48 @@ mod tests {
             .sum::<f64>();
         assert_eq!(per_subsystem, 1.0, "exactly one state is current");
     }
+
+    #[test]
+    fn gitops_status_becomes_its_families() {
+        let mut status = Status::new("1.2.3");
+        assert!(!families(&status)
+            .iter()
+            .any(|f| f.name.starts_with("platform_agent_gitops_")));
+        status.gitops_status = Some(crate::gitops::GitopsStatus {
+            applied_revision: Some("abc123".into()),
+            last_attempt_at: Some(100),
+            last_success_at: Some(90),
+            last_result: Some("failure".into()),
+            files_managed: 4,
+            files_refused: 3,
+            ..Default::default()
+        });
+        let families = families(&status);
+        assert_eq!(
+            value(
+                &families,
+                "platform_agent_gitops_revision_info",
+                &[("revision", "abc123")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&families, "platform_agent_gitops_last_result", &[("result", "failure")]),
+            1.0
+        );
+        assert_eq!(
+            value(&families, "platform_agent_gitops_last_result", &[("result", "success")]),
+            0.0
+        );
+        assert_eq!(
+            value(&families, "platform_agent_gitops_last_reconcile_timestamp_seconds", &[]),
+            100.0
+        );
+        assert_eq!(
+            value(&families, "platform_agent_gitops_last_success_timestamp_seconds", &[]),
+            90.0
+        );
+        assert_eq!(value(&families, "platform_agent_gitops_files_managed", &[]), 4.0);
+        assert_eq!(value(&families, "platform_agent_gitops_prune_refused_files", &[]), 3.0);
+    }
 }
