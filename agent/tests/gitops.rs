@@ -624,6 +624,26 @@ fn a_missing_branch_or_directory_is_an_error_not_an_empty_apply() {
     assert!(!ok);
     assert!(stderr.contains("no directory \"bootstrap\""), "{stderr}");
     assert_eq!(manifest(&daemon, "gitops-a.yaml").unwrap(), yaml("a"));
+
+    // A branch the remote does not have: an error naming it, nothing removed.
+    std::fs::write(
+        daemon.config_dir.join("50-test.toml"),
+        gitops_config(
+            &repo.url(),
+            "poll_interval = \"1h\"\nprune = true\nprune_max_fraction = 1.0",
+        )
+        .replace("branch = \"main\"", "branch = \"nope\""),
+    )
+    .unwrap();
+    let out = daemon.cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, _, stderr) = reconcile(&daemon, &[]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("fetching branch nope") && stderr.contains("refs/heads/nope"),
+        "{stderr}"
+    );
+    assert_eq!(manifest(&daemon, "gitops-a.yaml").unwrap(), yaml("a"));
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! K3s's manifests directory.
 //!
 //! Without a kustomization every `*.yaml`/`*.yml` file below the directory is
-//! taken. With a `kustomization.yaml` (or `.yml`, or `Kustomization`) at its
+//! taken (kustomization files in subdirectories excepted). With a `kustomization.yaml` (or `.yml`, or `Kustomization`) at its
 //! root, only what its `resources:` list names is taken: plain files, and
 //! directories that have a kustomization of their own (as kustomize
 //! requires), followed recursively. Every other kustomization key (patches,
@@ -86,7 +86,12 @@ pub fn render(files: &BTreeMap<String, Vec<u8>>, prefix: &str) -> Result<BTreeMa
             follow(files, &file, &mut seen, &mut out)?;
             out
         }
-        None => files.keys().filter(|p| is_manifest_file(p)).cloned().collect(),
+        // A kustomization below the root is not one K3s could apply.
+        None => files
+            .keys()
+            .filter(|p| is_manifest_file(p) && !KUSTOMIZATION_NAMES.contains(&p.rsplit('/').next().unwrap_or(p)))
+            .cloned()
+            .collect(),
     };
     let mut rendered: BTreeMap<String, Manifest> = BTreeMap::new();
     for source in sources {
@@ -260,6 +265,7 @@ mod tests {
                 ("sub/b.yml", "b"),
                 ("README.md", "x"),
                 ("c.json", "{}"),
+                ("sub/kustomization.yaml", "resources: []"),
             ]),
             "gitops",
         )

@@ -94,7 +94,10 @@ pub fn fetch(spec: &FetchSpec) -> Result<Snapshot, SourceError> {
         .remote_at(spec.url.as_str())
         .map_err(|e| fetch_error(e.to_string()))?
         .with_refspecs([refspec.as_str()], gix::remote::Direction::Fetch)
-        .map_err(|e| fetch_error(e.to_string()))?;
+        .map_err(|e| fetch_error(e.to_string()))?
+        // Only the one ref: no tag following (git's default fetches tags
+        // that point into the fetched history, which nothing here reads).
+        .with_fetch_tags(gix::remote::fetch::Tags::None);
     let connection = remote
         .connect(gix::remote::Direction::Fetch)
         .map_err(|e| fetch_error(chain(&e)))?
