@@ -218,7 +218,7 @@ impl Daemon {
         };
 
         let (gitops, gitops_handle) =
-            crate::gitops::GitopsService::new(store.clone(), status.clone(), config_rx.clone());
+            crate::gitops::GitopsService::new(store.clone(), backup.clone(), status.clone(), config_rx.clone());
         let cancel = CancellationToken::new();
         let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
         let mut subsystems: JoinSet<SubsystemResult> = JoinSet::new();

@@ -798,3 +798,44 @@ fn rewritten_history_is_followed() {
     assert_eq!(manifest(&daemon, "gitops-a.yaml").unwrap(), yaml("amended"));
     assert_eq!(gitops_status(&daemon)["applied_revision"], head.as_str());
 }
+
+#[test]
+fn a_bootstrap_secret_comes_back_from_a_backup_before_any_manifest() {
+    let repo = Repo::new();
+    repo.commit(&[("bootstrap/a.yaml", Some(&yaml("a")))]);
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("sealed-key.yaml"), "kind: Secret\n").unwrap();
+    let destination = dir.path().join("placed/sealed-key.yaml");
+    let config = format!(
+        "[backup]\nscratch_dir = \"{}\"\n[[backup.jobs]]\nname = \"secrets\"\nkind = \"files\"\nretries = 0\n\
+         [backup.jobs.files]\nbase_dir = \"{}\"\npaths = [\".\"]\n{}\n\
+         [[gitops.bootstrap_secrets]]\nbackup_job = \"secrets\"\nbackup_member = \"sealed-key.yaml\"\ndestination = \"{}\"\n",
+        dir.path().join("scratch").display(),
+        secrets.display(),
+        gitops_config(&repo.url(), "poll_interval = \"1h\""),
+        destination.display()
+    );
+    let daemon = Daemon::start(&config);
+    // No backup yet: the pass fails before writing any manifest.
+    let status = wait_for("the first pass to fail", Duration::from_secs(10), || {
+        let status = gitops_status(&daemon);
+        (status["last_result"] == "failure").then_some(status)
+    });
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("from backup job \"secrets\""),
+        "{status}"
+    );
+    assert!(manifest(&daemon, "gitops-a.yaml").is_none());
+
+    let out = daemon.cli(&["backup", "now", "secrets"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, _, stderr) = reconcile(&daemon, &[]);
+    assert!(ok, "{stderr}");
+    assert_eq!(std::fs::read_to_string(&destination).unwrap(), "kind: Secret\n");
+    assert_eq!(manifest(&daemon, "gitops-a.yaml").unwrap(), yaml("a"));
+}

@@ -188,7 +188,7 @@ pub enum ApplyError {
 /// were written.
 pub fn place_secrets(secrets: &[BootstrapSecret]) -> Result<usize, ApplyError> {
     let mut written = 0;
-    for secret in secrets {
+    for secret in secrets.iter().filter(|s| s.backup_job.is_empty()) {
         let content = std::fs::read(&secret.source_file).map_err(|source| ApplyError::SecretSource {
             source_file: secret.source_file.clone(),
             destination: secret.destination.clone(),

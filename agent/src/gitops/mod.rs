@@ -124,6 +124,8 @@ impl GitopsHandle {
 
 pub struct GitopsService {
     store: Store,
+    /// For bootstrap secrets kept in a `files` backup.
+    backup: Option<Arc<crate::backup::BackupService>>,
     status: StatusHandle,
     config: watch::Receiver<Arc<LoadedConfig>>,
     commands: mpsc::Receiver<Command>,
@@ -135,6 +137,7 @@ pub struct GitopsService {
 impl GitopsService {
     pub fn new(
         store: Store,
+        backup: Option<Arc<crate::backup::BackupService>>,
         status: StatusHandle,
         config: watch::Receiver<Arc<LoadedConfig>>,
     ) -> (GitopsService, GitopsHandle) {
@@ -142,6 +145,7 @@ impl GitopsService {
         (
             GitopsService {
                 store,
+                backup,
                 status,
                 config,
                 commands,
@@ -365,6 +369,10 @@ impl GitopsService {
         let dir = settings.manifests_dir.clone();
         let inventory = load_inventory(&self.store, &dir).await.map_err(|e| e.to_string())?;
 
+        if !diff {
+            // Before any manifest is written (they may need the secrets).
+            self.restore_secrets(settings, state_dir).await?;
+        }
         let prune = settings.prune;
         let fraction = settings.prune_max_fraction.0;
         let secrets = settings.bootstrap_secrets.clone();
@@ -411,6 +419,55 @@ impl GitopsService {
             },
             counts,
         ))
+    }
+}
+
+impl GitopsService {
+    /// Bootstrap secrets kept in a `files` backup: restored (newest backup)
+    /// into a scratch directory under the state directory and copied into
+    /// place, only when the destination is missing.
+    async fn restore_secrets(&self, settings: &GitopsSettings, state_dir: &Path) -> Result<(), String> {
+        for secret in &settings.bootstrap_secrets {
+            if secret.backup_job.is_empty() || secret.destination.exists() {
+                continue;
+            }
+            let what = format!(
+                "bootstrap secret {}: from backup job {:?}",
+                secret.destination.display(),
+                secret.backup_job
+            );
+            let backup = self
+                .backup
+                .as_ref()
+                .ok_or_else(|| format!("{what}: the backup subsystem is not running"))?;
+            let scratch_root = state_dir.join("gitops");
+            std::fs::create_dir_all(&scratch_root).map_err(|e| format!("{what}: {e}"))?;
+            let scratch = tempfile::Builder::new()
+                .prefix("secret-restore-")
+                .tempdir_in(&scratch_root)
+                .map_err(|e| format!("{what}: {e}"))?;
+            let request = crate::backup::RestoreRequest {
+                kind: crate::backup::BackupKind::Files,
+                job: Some(secret.backup_job.clone()),
+                id: None,
+                database: None,
+                target: Some(scratch.path().display().to_string()),
+                force: true,
+                no_owner: false,
+            };
+            backup
+                .restore(request, crate::backup::Progress::default())
+                .await
+                .map_err(|e| format!("{what}: {e}"))?;
+            let member = scratch.path().join(&secret.backup_member);
+            let content = std::fs::read(&member)
+                .map_err(|e| format!("{what}: the backup has no {:?}: {e}", secret.backup_member))?;
+            let mode = secret.mode_bits()?;
+            crate::fsutil::write_atomic(&secret.destination, &content, mode)
+                .map_err(|e| format!("{what}: cannot write: {e}"))?;
+            info!(destination = %secret.destination.display(), job = %secret.backup_job, "gitops: bootstrap secret restored from backup");
+        }
+        Ok(())
     }
 }
 

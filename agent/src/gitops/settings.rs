@@ -97,8 +97,13 @@ impl Eq for Fraction {}
 #[serde(default, deny_unknown_fields)]
 pub struct BootstrapSecret {
     /// The file holding the secret on this machine (placed by cloud-init, a
-    /// rescue USB, or restored by hand from a backup).
+    /// rescue USB, or restored by hand). Copied when missing or different.
     pub source_file: PathBuf,
+    /// Or: a `files` backup job whose newest backup holds the secret, and
+    /// the member's path in it (relative to the job's `base_dir`). Restored
+    /// only when `destination` is missing (a wiped node), not at every pass.
+    pub backup_job: String,
+    pub backup_member: String,
     /// Where it must be, absolute (e.g. the K3s token file, or a
     /// sealed-secrets key manifest in the manifests directory).
     pub destination: PathBuf,
@@ -110,6 +115,8 @@ impl Default for BootstrapSecret {
     fn default() -> Self {
         BootstrapSecret {
             source_file: PathBuf::new(),
+            backup_job: String::new(),
+            backup_member: String::new(),
             destination: PathBuf::new(),
             mode: "0600".into(),
         }
@@ -259,8 +266,29 @@ impl GitopsSettings {
         }
         for (i, secret) in self.bootstrap_secrets.iter().enumerate() {
             let key = |k: &str| format!("bootstrap_secrets[{i}].{k}");
-            if let Err(message) = check_secret(&secret.source_file) {
-                fail(&key("source_file"), message);
+            match (secret.source_file.as_os_str().is_empty(), secret.backup_job.is_empty()) {
+                (true, true) => fail(
+                    &key("source_file"),
+                    "set source_file, or backup_job and backup_member".into(),
+                ),
+                (false, false) => fail(
+                    &key("backup_job"),
+                    "set either source_file or backup_job, not both".into(),
+                ),
+                (false, true) => {
+                    if let Err(message) = check_secret(&secret.source_file) {
+                        fail(&key("source_file"), message);
+                    }
+                }
+                (true, false) => {
+                    let member = &secret.backup_member;
+                    if member.is_empty() || member.starts_with('/') || member.split('/').any(|p| p == "..") {
+                        fail(
+                            &key("backup_member"),
+                            format!("{member:?}: the file's path inside the backup, relative to the job's base_dir"),
+                        );
+                    }
+                }
             }
             if secret.destination.as_os_str().is_empty() || secret.destination.is_relative() {
                 fail(&key("destination"), "must be an absolute path".into());
