@@ -411,6 +411,28 @@ mod tests {
     }
 
     #[test]
+    fn a_bootstrap_secret_has_exactly_one_source() {
+        let mut s = GitopsSettings {
+            enabled: true,
+            url: "file:///srv/infra.git".into(),
+            branch: "main".into(),
+            bootstrap_secrets: vec![BootstrapSecret {
+                destination: "/etc/rancher/k3s/token".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let keys = |s: &GitopsSettings| s.validate(&ok).into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(keys(&s), ["bootstrap_secrets[0].source_file"]);
+        s.bootstrap_secrets[0].backup_job = "secrets".into();
+        assert_eq!(keys(&s), ["bootstrap_secrets[0].backup_member"]);
+        s.bootstrap_secrets[0].backup_member = "token".into();
+        assert!(keys(&s).is_empty());
+        s.bootstrap_secrets[0].source_file = "/root/token".into();
+        assert_eq!(keys(&s), ["bootstrap_secrets[0].backup_job"]);
+    }
+
+    #[test]
     fn modes_are_octal() {
         let mut secret = BootstrapSecret::default();
         assert_eq!(secret.mode_bits(), Ok(0o600));
