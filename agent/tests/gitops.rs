@@ -166,6 +166,15 @@ fn a_new_commit_appears_within_one_poll() {
         "{metrics}"
     );
     assert!(metrics.contains("platform_agent_gitops_last_result{result=\"success\"} 1"));
+    let text = String::from_utf8_lossy(&daemon.cli(&["status"]).stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("gitops"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(" ok ") && line.contains(&second[..12]) && line.contains("2 files managed"),
+        "{text}"
+    );
     // The fetch is shallow: the local repository has a shallow boundary.
     assert!(daemon.path("state/gitops/repo.git/shallow").exists());
 }

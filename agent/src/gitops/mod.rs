@@ -567,7 +567,7 @@ async fn load_applied(store: &Store) -> Result<Option<(String, u64)>, crate::sto
         .await
 }
 
-/// The repository's local cache, for docs and tests.
+/// The bare repository the fetches go into: a cache of the remote, nothing else.
 pub fn repo_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("gitops").join("repo.git")
 }
