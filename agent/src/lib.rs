@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod fsutil;
+pub mod gitops;
 pub mod k3s;
 pub mod logging;
 pub mod metrics;

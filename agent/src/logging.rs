@@ -37,6 +37,9 @@ pub mod ids {
     pub const UNMOUNT_REFUSED: &str = "d22a64575ba349d991aa1070496072d6";
     pub const LEFTOVER_SIGNALLED: &str = "fddf48230739492fbdccd326ceb2d09b";
     pub const PLAN_FINISHED: &str = "dd31fe7fea494a269392f9f3acf801f5";
+    pub const GITOPS_APPLIED: &str = "5d1a3c0b8f2e4e6d9a7b4c3e2f1d0a9b";
+    pub const GITOPS_FAILED: &str = "c41e7a2d9b5f4c08a3e6d1f7b2a9c5e4";
+    pub const GITOPS_PRUNE_REFUSED: &str = "8b3f6e1a4d7c4f2e9a5b0c8d3e6f1a7c";
 }
 
 /// Environment variable with `tracing` filter directives; beats the config.

@@ -217,6 +217,8 @@ impl Daemon {
             None
         };
 
+        let (gitops, gitops_handle) =
+            crate::gitops::GitopsService::new(store.clone(), backup.clone(), status.clone(), config_rx.clone());
         let cancel = CancellationToken::new();
         let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
         let mut subsystems: JoinSet<SubsystemResult> = JoinSet::new();
@@ -226,6 +228,7 @@ impl Daemon {
             reload: reload_tx,
             daemon_uid: nix::unistd::geteuid().as_raw(),
             backup: backup.clone(),
+            gitops: Some(gitops_handle),
         });
         {
             let cancel = cancel.clone();
@@ -255,6 +258,12 @@ impl Daemon {
                 backup.recover().await;
                 ("backup", backup.run(cancel).await)
             });
+        }
+        {
+            // Always running: it waits while gitops.enabled is false, so a
+            // reload can turn it on.
+            let cancel = cancel.clone();
+            subsystems.spawn(async move { ("gitops", gitops.run(cancel).await) });
         }
         subsystems.spawn(publish_status(status.clone(), cancel.clone()));
         if let Some(interval) = notify::watchdog_interval() {

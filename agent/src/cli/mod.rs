@@ -75,6 +75,14 @@ enum Command {
     Backup(BackupCommand),
     /// Restore a backup (root only): the newest, or one named by --id.
     Restore(RestoreArgs),
+    /// GitOps: fetch and apply now (root only), or with --diff show what would change.
+    Reconcile {
+        /// Only show what would change; write nothing.
+        #[arg(long)]
+        diff: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +261,8 @@ fn call(global: &GlobalArgs, sources: &ConfigSources, request: Request) -> Resul
     let timeout = match request {
         Request::Reload => Duration::from_secs(60),
         Request::BackupPrune { .. } => Duration::from_secs(300),
+        // A pass fetches over the network (at most 5 min) and then writes.
+        Request::Reconcile { .. } => Duration::from_secs(330),
         ref long if long.streams_progress() => Duration::from_secs(120),
         _ => Duration::from_secs(15),
     };
@@ -656,6 +666,26 @@ fn client_command(global: &GlobalArgs, sources: &ConfigSources, command: Command
         }
         Command::Backup(command) => backup_command(global, sources, command),
         Command::Restore(args) => restore_command(global, sources, args),
+        Command::Reconcile { diff, json } => match call(global, sources, Request::Reconcile { diff })? {
+            Response::Reconciled { report } => {
+                if json {
+                    print_json(&report);
+                } else {
+                    print!("{}", crate::gitops::render_report(&report));
+                }
+                // The files were applied but the prune was not: scripts
+                // must see that (exit 73, as for other refusals).
+                match report.prune_refused {
+                    Some(reason) if !report.dry_run => Err(ClientError::Refused {
+                        request: "reconcile",
+                        code: ErrorCode::Refused,
+                        message: reason,
+                    }),
+                    _ => Ok(()),
+                }
+            }
+            other => Err(unexpected(other)),
+        },
         Command::Run | Command::Config(ConfigCommand::Check { .. }) => unreachable!("handled in main"),
     }
 }
@@ -716,6 +746,20 @@ fn render_status(status: &Status) -> String {
             ),
             "object_store" => status.object_store.location.clone(),
             "metrics" => format!("{} (scrapes {})", status.metrics.listen, status.metrics.scrapes),
+            "gitops" => status
+                .gitops_status
+                .as_ref()
+                .map(|g| {
+                    let applied = g
+                        .applied_revision
+                        .as_deref()
+                        .map_or("nothing", |r| &r[..r.len().min(12)]);
+                    format!(
+                        "{} {}: applied {applied}, {} files managed",
+                        g.url, g.reference, g.files_managed
+                    )
+                })
+                .unwrap_or_default(),
             _ => String::new(),
         }
     };

@@ -427,10 +427,10 @@ fn resolve_relative_paths(table: &mut toml::Table, base: &Path) {
     for (key, value) in table.iter_mut() {
         match value {
             toml::Value::Table(child) => resolve_relative_paths(child, base),
-            // Backup jobs are tables in an array; their paths are files on
+            // Backup jobs and gitops bootstrap secrets are tables in an array; their paths are files on
             // this machine like any other. (`volume.directories[].path` is
             // relative to the mount point on purpose and stays as written.)
-            toml::Value::Array(items) if key == "jobs" => {
+            toml::Value::Array(items) if key == "jobs" || key == "bootstrap_secrets" => {
                 for item in items {
                     if let toml::Value::Table(child) = item {
                         resolve_relative_paths(child, base);

@@ -117,6 +117,9 @@ pub(super) fn validate(config: &LoadedConfig) -> Result<(), ConfigErrors> {
     for (key, message) in s.backup.validate(&check_secret_file) {
         fail(&format!("backup.{key}"), message);
     }
+    for (key, message) in s.gitops.validate(&check_secret_file) {
+        fail(&format!("gitops.{key}"), message);
+    }
 
     if errors.is_empty() {
         Ok(())

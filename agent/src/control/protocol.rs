@@ -60,6 +60,11 @@ pub enum Request {
         restore_test: bool,
     },
     Restore(RestoreRequest),
+    /// A GitOps pass now; with `diff` only what it would change.
+    Reconcile {
+        #[serde(default)]
+        diff: bool,
+    },
 }
 
 /// Who may make a request: members of the socket's group may read, only
@@ -80,12 +85,14 @@ impl Request {
             | Request::ShutdownPlan
             | Request::BackupList { .. }
             | Request::BackupShow { .. }
-            | Request::BackupPrune { dry_run: true, .. } => Access::Read,
+            | Request::BackupPrune { dry_run: true, .. }
+            | Request::Reconcile { diff: true } => Access::Read,
             Request::Reload
             | Request::BackupNow { .. }
             | Request::BackupPrune { dry_run: false, .. }
             | Request::BackupVerify { .. }
-            | Request::Restore(_) => Access::Change,
+            | Request::Restore(_)
+            | Request::Reconcile { diff: false } => Access::Change,
         }
     }
 
@@ -103,6 +110,7 @@ impl Request {
             Request::BackupPrune { .. } => "backup-prune",
             Request::BackupVerify { .. } => "backup-verify",
             Request::Restore(_) => "restore",
+            Request::Reconcile { .. } => "reconcile",
         }
     }
 
@@ -153,6 +161,9 @@ pub enum Response {
     },
     Restored {
         report: RestoreReport,
+    },
+    Reconciled {
+        report: crate::gitops::ReconcileReport,
     },
     /// An interim frame of a long request; the answer follows.
     Progress {
@@ -255,6 +266,7 @@ mod tests {
                 force: true,
                 no_owner: false,
             }),
+            Request::Reconcile { diff: true },
         ] {
             let frame = encode_frame(&request);
             let len = frame_len(frame[..4].try_into().unwrap(), 1024).unwrap();
@@ -285,6 +297,11 @@ mod tests {
         );
         assert!(decode_request(br#"{"request":"restore","args":{"kind":"vault","forse":true}}"#).is_err());
         assert!(decode_request(br#"{"request":"backup-now","args":{}}"#).is_err());
+        assert_eq!(
+            request(r#"{"request":"reconcile","args":{"diff":true}}"#).access(),
+            Access::Read
+        );
+        assert_eq!(request(r#"{"request":"reconcile","args":{}}"#).access(), Access::Change);
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub enum ControlError {
     Unavailable(String),
     #[error(transparent)]
     Backup(#[from] BackupError),
+    #[error(transparent)]
+    Gitops(#[from] crate::gitops::GitopsError),
 }
 
 impl ControlError {
@@ -88,6 +90,10 @@ impl ControlError {
                 BackupError::Refused(_) => ErrorCode::Refused,
                 BackupError::ShuttingDown => ErrorCode::Unavailable,
                 BackupError::Catalog(_) | BackupError::Failed { .. } => ErrorCode::Failed,
+            },
+            ControlError::Gitops(err) => match err {
+                crate::gitops::GitopsError::Disabled | crate::gitops::GitopsError::NotRunning => ErrorCode::Unavailable,
+                crate::gitops::GitopsError::Failed(_) => ErrorCode::Failed,
             },
         };
         Response::Error {
@@ -114,6 +120,8 @@ pub struct ControlContext {
     pub daemon_uid: u32,
     /// The backup subsystem; None when it could not start.
     pub backup: Option<Arc<BackupService>>,
+    /// Asks the GitOps subsystem for a pass.
+    pub gitops: Option<crate::gitops::GitopsHandle>,
 }
 
 impl ControlContext {
@@ -188,6 +196,12 @@ impl ControlContext {
             Request::Restore(request) => Ok(Response::Restored {
                 report: self.backup()?.restore(request, progress).await?,
             }),
+            Request::Reconcile { diff } => {
+                let gitops = self.gitops.as_ref().ok_or(crate::gitops::GitopsError::NotRunning)?;
+                Ok(Response::Reconciled {
+                    report: gitops.reconcile(diff).await?,
+                })
+            }
         }
     }
 }

@@ -37,6 +37,9 @@
 //! | `platform_agent_gitops_revision_info` | gauge | `revision` | *later* (GitOps): 1 for the revision last applied |
 //! | `platform_agent_gitops_last_result` | gauge | `result` | *later*: one series per `success`, `failure` of the last reconcile |
 //! | `platform_agent_gitops_last_reconcile_timestamp_seconds` | gauge | | *later*: Unix time of the last reconcile |
+//! | `platform_agent_gitops_last_success_timestamp_seconds` | gauge | | Unix time of the last pass that applied its revision |
+//! | `platform_agent_gitops_files_managed` | gauge | | files the agent wrote into the manifests directory |
+//! | `platform_agent_gitops_prune_refused_files` | gauge | | files the prune guard kept in the last pass |
 //! | `platform_agent_shutdown_step_duration_seconds` | gauge | `step` | *later* (shutdown): each step of the last orderly shutdown, from the state store |
 
 use super::encode::{Encoder, MetricType};
@@ -143,6 +146,63 @@ pub fn encode(status: &Status, out: &mut Encoder) {
     // The volume, K3s, backup, WAL, GitOps and shutdown subsystems add their
     // families here, from their status sections, under the names listed in
     // the module documentation.
+    encode_gitops(status, out);
+}
+
+fn encode_gitops(status: &Status, out: &mut Encoder) {
+    let Some(gitops) = &status.gitops_status else {
+        return;
+    };
+    if let Some(revision) = &gitops.applied_revision {
+        out.family(
+            "platform_agent_gitops_revision_info",
+            "The Git revision whose files are in K3s's manifests directory; always 1.",
+            MetricType::Gauge,
+        );
+        out.sample("platform_agent_gitops_revision_info", &[("revision", revision)], 1.0);
+    }
+    if let Some(result) = &gitops.last_result {
+        out.family(
+            "platform_agent_gitops_last_result",
+            "Result of the last GitOps pass, one series per result.",
+            MetricType::Gauge,
+        );
+        for candidate in ["success", "failure"] {
+            out.sample(
+                "platform_agent_gitops_last_result",
+                &[("result", candidate)],
+                bool_value(result == candidate),
+            );
+        }
+    }
+    if let Some(at) = gitops.last_attempt_at {
+        out.single(
+            "platform_agent_gitops_last_reconcile_timestamp_seconds",
+            "Unix time of the last GitOps pass, whatever its result.",
+            MetricType::Gauge,
+            at as f64,
+        );
+    }
+    if let Some(at) = gitops.last_success_at {
+        out.single(
+            "platform_agent_gitops_last_success_timestamp_seconds",
+            "Unix time of the last GitOps pass that applied its revision.",
+            MetricType::Gauge,
+            at as f64,
+        );
+    }
+    out.single(
+        "platform_agent_gitops_files_managed",
+        "Files the agent wrote into the manifests directory and looks after.",
+        MetricType::Gauge,
+        gitops.files_managed as f64,
+    );
+    out.single(
+        "platform_agent_gitops_prune_refused_files",
+        "Files gone from Git that the prune guard kept in the last pass.",
+        MetricType::Gauge,
+        gitops.files_refused as f64,
+    );
 }
 
 fn bool_value(condition: bool) -> f64 {
@@ -224,5 +284,49 @@ mod tests {
             .map(|s| s.value)
             .sum::<f64>();
         assert_eq!(per_subsystem, 1.0, "exactly one state is current");
+    }
+
+    #[test]
+    fn gitops_status_becomes_its_families() {
+        let mut status = Status::new("1.2.3");
+        assert!(!families(&status)
+            .iter()
+            .any(|f| f.name.starts_with("platform_agent_gitops_")));
+        status.gitops_status = Some(crate::gitops::GitopsStatus {
+            applied_revision: Some("abc123".into()),
+            last_attempt_at: Some(100),
+            last_success_at: Some(90),
+            last_result: Some("failure".into()),
+            files_managed: 4,
+            files_refused: 3,
+            ..Default::default()
+        });
+        let families = families(&status);
+        assert_eq!(
+            value(
+                &families,
+                "platform_agent_gitops_revision_info",
+                &[("revision", "abc123")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&families, "platform_agent_gitops_last_result", &[("result", "failure")]),
+            1.0
+        );
+        assert_eq!(
+            value(&families, "platform_agent_gitops_last_result", &[("result", "success")]),
+            0.0
+        );
+        assert_eq!(
+            value(&families, "platform_agent_gitops_last_reconcile_timestamp_seconds", &[]),
+            100.0
+        );
+        assert_eq!(
+            value(&families, "platform_agent_gitops_last_success_timestamp_seconds", &[]),
+            90.0
+        );
+        assert_eq!(value(&families, "platform_agent_gitops_files_managed", &[]), 4.0);
+        assert_eq!(value(&families, "platform_agent_gitops_prune_refused_files", &[]), 3.0);
     }
 }

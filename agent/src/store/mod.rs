@@ -66,6 +66,22 @@ const MIGRATIONS: &[&str] = &[
         key TEXT NOT NULL,
         started_ms INTEGER NOT NULL
     );",
+    // 4: GitOps: the files the agent wrote into K3s's manifests directory
+    // (prune only ever removes these), and the revision last applied.
+    "CREATE TABLE gitops_files (
+        dir TEXT NOT NULL,
+        name TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        source TEXT NOT NULL,
+        revision TEXT NOT NULL,
+        written_at INTEGER NOT NULL,
+        PRIMARY KEY (dir, name)
+    );
+    CREATE TABLE gitops_applied (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        revision TEXT NOT NULL,
+        applied_at INTEGER NOT NULL
+    );",
 ];
 
 #[derive(Debug, thiserror::Error)]
