@@ -4,13 +4,13 @@
 //! (ListMultipartUploads), and it answers with its own idea of S3 errors.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use tempfile::TempDir;
 
 use crate::s3::{signed_request, S3Response};
-use crate::{fixture_binary, fixture_paths, free_port, kill_child, log_file, log_tail, random_u64, run, wait_for};
+use crate::{fixture_binary, fixture_paths, free_port, kill_child, log_tail, random_u64, run, spawn_server};
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const KEY_NAME: &str = "platform-agent-tests";
@@ -160,49 +160,22 @@ impl Garage {
         if self.child.is_some() {
             return;
         }
-        let (out, err) = log_file(&self.log).expect("open garage log");
-        let child = Command::new(&self.bin)
-            .arg("-c")
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("-c")
             .arg(&self.config)
             .arg("server")
             .env("RUST_LOG", "garage=warn")
-            .current_dir(self.tmp.path())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
-        self.child = Some(child);
-        // The S3 API answers (an error for an anonymous request, before the
-        // layout exists) once the server is up; a process that exited never will.
+            .current_dir(self.tmp.path());
+        // The S3 API answers (an error to an anonymous request) once the
+        // server is up.
         let endpoint = self.endpoint();
-        let up = wait_for(START_TIMEOUT, || {
-            let child = self.child.as_mut().expect("child");
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(Err(status.to_string()));
-            }
-            let answered = Command::new("curl")
+        self.child = Some(spawn_server("garage", &mut cmd, &self.log, START_TIMEOUT, || {
+            Command::new("curl")
                 .args(["-s", "-o", "/dev/null", "--noproxy", "*", "--max-time", "2"])
                 .arg(&endpoint)
                 .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            answered.then_some(Ok(()))
-        });
-        match up {
-            Some(Ok(())) => {}
-            Some(Err(status)) => {
-                self.child = None;
-                panic!("garage exited ({status})\n{}", log_tail(&self.log, 4000));
-            }
-            None => {
-                self.stop();
-                panic!(
-                    "garage's S3 API did not answer within {START_TIMEOUT:?}\n{}",
-                    log_tail(&self.log, 4000)
-                );
-            }
-        }
+                .is_ok_and(|s| s.success())
+        }));
     }
 }
 

@@ -291,6 +291,39 @@ pub(crate) fn log_file(path: &Path) -> io::Result<(std::fs::File, std::fs::File)
     Ok((f, g))
 }
 
+/// Starts a fixture's server with its output appended to `log` and waits
+/// until `ready` says it serves. Panics, with the end of the log, when the
+/// process exits first or is not ready within `timeout` (it is killed then).
+pub(crate) fn spawn_server(
+    what: &str,
+    cmd: &mut Command,
+    log: &Path,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Child {
+    let (out, err) = log_file(log).unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let up = wait_for(timeout, || {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(Err(status));
+        }
+        ready().then_some(Ok(()))
+    });
+    match up {
+        Some(Ok(())) => child,
+        Some(Err(status)) => panic!("{what} exited ({status})\n{}", log_tail(log, 4000)),
+        None => {
+            kill_child(&mut child);
+            panic!("{what} did not answer within {timeout:?}\n{}", log_tail(log, 4000))
+        }
+    }
+}
+
 /// Kills a directly spawned server and reaps it.
 pub(crate) fn kill_child(child: &mut Child) {
     let _ = child.kill();

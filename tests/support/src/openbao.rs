@@ -1,11 +1,11 @@
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-use crate::{fixture_binary, fixture_paths, free_port_pair, kill_child, log_file, log_tail, wait_for};
+use crate::{fixture_binary, fixture_paths, free_port_pair, kill_child, log_tail, spawn_server, wait_for};
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const ROLE_NAME: &str = "platform-agent";
@@ -310,44 +310,19 @@ log_level = "info"
     }
 
     fn spawn(&mut self) {
-        let (out, err) = log_file(&self.log).expect("open openbao log");
-        let child = Command::new(&self.bin)
-            .arg("server")
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("server")
             .arg(format!("-config={}", self.config.display()))
             .current_dir(self.tmp.path())
             .env_remove("BAO_ADDR")
-            .env_remove("VAULT_ADDR")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
-        self.child = Some(child);
+            .env_remove("VAULT_ADDR");
         // Any HTTP answer (501 uninitialised, 503 sealed) means the listener
-        // is up; an exited process means it never will be.
-        let up = wait_for(START_TIMEOUT, || {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Some(Err(status));
-                }
-            }
-            self.try_raw("GET", "sys/health", None, None).ok().map(|_| Ok(()))
+        // is up.
+        let what = format!("bao server on {}", self.addr);
+        let child = spawn_server(&what, &mut cmd, &self.log, START_TIMEOUT, || {
+            self.try_raw("GET", "sys/health", None, None).is_ok()
         });
-        match up {
-            Some(Ok(())) => {}
-            Some(Err(status)) => {
-                self.child = None;
-                panic!("bao server exited ({status})\n{}", log_tail(&self.log, 4000));
-            }
-            None => {
-                self.stop();
-                panic!(
-                    "bao server did not answer on {} within {START_TIMEOUT:?}\n{}",
-                    self.addr,
-                    log_tail(&self.log, 4000)
-                );
-            }
-        }
+        self.child = Some(child);
     }
 
     fn unseal_and_wait_active(&self) {

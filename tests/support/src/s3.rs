@@ -6,9 +6,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
-use crate::{
-    fixture_binary, fixture_paths, free_port, kill_child, log_file, log_tail, port_accepts, random_u64, wait_for,
-};
+use crate::{fixture_binary, fixture_paths, free_port, kill_child, port_accepts, random_u64, spawn_server};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const REGION: &str = "us-east-1";
@@ -197,42 +195,17 @@ impl S3Server {
         if self.child.is_some() {
             return;
         }
-        let (out, err) = log_file(&self.log).expect("open s3s-fs log");
-        let child = Command::new(&self.bin)
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--access-key", &self.access_key, "--secret-key", &self.secret_key])
             .arg(&self.data_dir)
-            .current_dir(self.tmp.path())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
-        self.child = Some(child);
-        // s3s-fs accepts as soon as it listens; a process that exited (port
-        // taken, bad arguments) never will.
-        let up = wait_for(START_TIMEOUT, || {
-            let child = self.child.as_mut().expect("child");
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(Err(status));
-            }
-            port_accepts(self.port).then_some(Ok(()))
-        });
-        match up {
-            Some(Ok(())) => {}
-            Some(Err(status)) => {
-                self.child = None;
-                panic!("s3s-fs exited ({status})\n{}", log_tail(&self.log, 4000));
-            }
-            None => {
-                self.stop();
-                panic!(
-                    "s3s-fs did not listen on port {} within {START_TIMEOUT:?}\n{}",
-                    self.port,
-                    log_tail(&self.log, 4000)
-                );
-            }
-        }
+            .current_dir(self.tmp.path());
+        // s3s-fs accepts as soon as it listens.
+        let what = format!("s3s-fs on port {}", self.port);
+        let port = self.port;
+        self.child = Some(spawn_server(&what, &mut cmd, &self.log, START_TIMEOUT, || {
+            port_accepts(port)
+        }));
     }
 }
 
