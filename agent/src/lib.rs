@@ -17,3 +17,4 @@ pub mod store;
 pub mod supervisor;
 pub mod systemd;
 pub mod volume;
+pub mod wal;

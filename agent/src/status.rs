@@ -98,6 +98,9 @@ pub struct Status {
     /// One entry per configured backup job; `backups` summarises them.
     #[serde(default)]
     pub backup_jobs: Vec<BackupJobStatus>,
+    /// Details behind `wal` once WAL archiving is on.
+    #[serde(default)]
+    pub wal_status: Option<crate::wal::WalStatus>,
 }
 
 /// The outcome of a backup job's last run, as the metrics export it
@@ -242,6 +245,7 @@ impl Status {
             k3s_status: None,
             last_shutdown: Vec::new(),
             backup_jobs: Vec::new(),
+            wal_status: None,
         }
     }
 

@@ -75,6 +75,20 @@ enum Command {
     Backup(BackupCommand),
     /// Restore a backup (root only): the newest, or one named by --id.
     Restore(RestoreArgs),
+    /// PostgreSQL's archive_command: `platform-agent wal-push %p %f`; exits 0 only once the file is durable.
+    WalPush {
+        /// %p: the file (relative to PGDATA, the working directory).
+        path: PathBuf,
+        /// %f: its name.
+        name: String,
+    },
+    /// PostgreSQL's restore_command: `platform-agent wal-fetch %f %p`; exits 1 when the file is not archived.
+    WalFetch {
+        /// %f: the file PostgreSQL wants.
+        name: String,
+        /// %p: where to put it.
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -181,6 +195,11 @@ pub fn main() -> ExitCode {
     let sources = ConfigSources::from_args(&cli.global.config);
     match cli.command {
         Command::Run => supervisor::run(sources),
+        // The WAL commands run once per segment: their own short paths.
+        Command::WalPush { path, name } => {
+            crate::wal::client::push(&sources, cli.global.socket.as_deref(), &path, &name)
+        }
+        Command::WalFetch { name, path } => crate::wal::client::fetch(&sources, &name, &path),
         Command::Config(ConfigCommand::Check { files }) => {
             let sources = if files.is_empty() {
                 sources
@@ -656,7 +675,10 @@ fn client_command(global: &GlobalArgs, sources: &ConfigSources, command: Command
         }
         Command::Backup(command) => backup_command(global, sources, command),
         Command::Restore(args) => restore_command(global, sources, args),
-        Command::Run | Command::Config(ConfigCommand::Check { .. }) => unreachable!("handled in main"),
+        Command::Run
+        | Command::Config(ConfigCommand::Check { .. })
+        | Command::WalPush { .. }
+        | Command::WalFetch { .. } => unreachable!("handled in main"),
     }
 }
 
@@ -757,6 +779,18 @@ fn render_status(status: &Status) -> String {
         }
         out.push_str(&line);
         out.push('\n');
+    }
+    if let Some(wal) = &status.wal_status {
+        out.push_str(&format!(
+            "    wal {} last {} archived {} conflicts {} failures {} queue {} gaps {}\n",
+            wal.mode,
+            wal.last_archived.as_deref().unwrap_or("none"),
+            wal.archived_total,
+            wal.conflicts_total,
+            wal.failures_total,
+            wal.queue_segments + wal.pending_segments,
+            wal.gaps.len()
+        ));
     }
     out.push_str(&format!(
         "  {:<13} generation {}, {} files\n",

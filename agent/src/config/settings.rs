@@ -20,6 +20,7 @@ pub struct Settings {
     pub k3s: crate::k3s::K3sSettings,
     pub shutdown: crate::shutdown::ShutdownSettings,
     pub backup: crate::backup::BackupSettings,
+    pub wal: crate::wal::WalSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

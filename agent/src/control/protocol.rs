@@ -60,6 +60,13 @@ pub enum Request {
         restore_test: bool,
     },
     Restore(RestoreRequest),
+    /// `wal-push %p %f`: archive one WAL file; answered once it is durable.
+    /// Open to the socket's group (PostgreSQL's user must be a member): the
+    /// daemon pushes only files the requesting user owns.
+    WalPush {
+        path: String,
+        name: String,
+    },
 }
 
 /// Who may make a request: members of the socket's group may read, only
@@ -80,7 +87,8 @@ impl Request {
             | Request::ShutdownPlan
             | Request::BackupList { .. }
             | Request::BackupShow { .. }
-            | Request::BackupPrune { dry_run: true, .. } => Access::Read,
+            | Request::BackupPrune { dry_run: true, .. }
+            | Request::WalPush { .. } => Access::Read,
             Request::Reload
             | Request::BackupNow { .. }
             | Request::BackupPrune { dry_run: false, .. }
@@ -103,6 +111,7 @@ impl Request {
             Request::BackupPrune { .. } => "backup-prune",
             Request::BackupVerify { .. } => "backup-verify",
             Request::Restore(_) => "restore",
+            Request::WalPush { .. } => "wal-push",
         }
     }
 
@@ -153,6 +162,9 @@ pub enum Response {
     },
     Restored {
         report: RestoreReport,
+    },
+    WalPushed {
+        outcome: crate::wal::PushOutcome,
     },
     /// An interim frame of a long request; the answer follows.
     Progress {
@@ -255,6 +267,10 @@ mod tests {
                 force: true,
                 no_owner: false,
             }),
+            Request::WalPush {
+                path: "/pgdata/pg_wal/000000010000000000000001".into(),
+                name: "000000010000000000000001".into(),
+            },
         ] {
             let frame = encode_frame(&request);
             let len = frame_len(frame[..4].try_into().unwrap(), 1024).unwrap();

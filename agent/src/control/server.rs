@@ -68,6 +68,8 @@ pub enum ControlError {
     Unavailable(String),
     #[error(transparent)]
     Backup(#[from] BackupError),
+    #[error(transparent)]
+    Wal(#[from] crate::wal::WalError),
 }
 
 impl ControlError {
@@ -89,6 +91,24 @@ impl ControlError {
                 BackupError::ShuttingDown => ErrorCode::Unavailable,
                 BackupError::Catalog(_) | BackupError::Failed { .. } => ErrorCode::Failed,
             },
+            ControlError::Wal(err) => {
+                use crate::wal::WalError;
+                match err {
+                    WalError::BadName(_) => ErrorCode::BadRequest,
+                    WalError::NotOwner { .. } => ErrorCode::PermissionDenied,
+                    WalError::Read { .. } => ErrorCode::NotFound,
+                    WalError::SpoolFull { .. } | WalError::Timeout { .. } => ErrorCode::Busy,
+                    WalError::Disabled => ErrorCode::Unavailable,
+                    WalError::Conflict { .. }
+                    | WalError::Spool { .. }
+                    | WalError::Store(_)
+                    | WalError::Catalog(_)
+                    | WalError::Encode(_)
+                    | WalError::Corrupt { .. }
+                    | WalError::Setup(_)
+                    | WalError::Task(_) => ErrorCode::Failed,
+                }
+            }
         };
         Response::Error {
             code,
@@ -114,6 +134,8 @@ pub struct ControlContext {
     pub daemon_uid: u32,
     /// The backup subsystem; None when it could not start.
     pub backup: Option<Arc<BackupService>>,
+    /// WAL archiving; None when disabled or it could not start.
+    pub wal: Option<Arc<crate::wal::WalService>>,
 }
 
 impl ControlContext {
@@ -134,7 +156,7 @@ impl ControlContext {
             .ok_or_else(|| ControlError::Unavailable("the backup subsystem is not running".into()))
     }
 
-    async fn dispatch(&self, request: Request, progress: Progress) -> Result<Response, ControlError> {
+    async fn dispatch(&self, request: Request, uid: u32, progress: Progress) -> Result<Response, ControlError> {
         match request {
             Request::Ping => Ok(Response::Pong),
             Request::Version => Ok(Response::Version {
@@ -188,6 +210,11 @@ impl ControlContext {
             Request::Restore(request) => Ok(Response::Restored {
                 report: self.backup()?.restore(request, progress).await?,
             }),
+            Request::WalPush { path, name } => {
+                let wal = self.wal.as_ref().ok_or(crate::wal::WalError::Disabled)?;
+                let outcome = wal.push_request(std::path::Path::new(&path), &name, uid).await?;
+                Ok(Response::WalPushed { outcome })
+            }
         }
     }
 }
@@ -390,7 +417,7 @@ async fn handle(context: &ControlContext, request: Request, uid: u32, pid: i32, 
         return err.to_response();
     }
     debug!(uid, pid, request = request.name(), "control request");
-    let response = match context.dispatch(request, progress).await {
+    let response = match context.dispatch(request, uid, progress).await {
         Ok(response) => response,
         Err(err) => err.to_response(),
     };
