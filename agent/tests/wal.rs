@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Daemon, BIN};
+use common::{wait_for, BIN};
 use platform_agent_testsupport::{make_writable_by_postgres, Postgres, S3Server};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -36,11 +36,61 @@ fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// The binary under test, copied once per test process. The target
+/// directory is shared with other worktrees of this repository, whose builds
+/// replace `target/debug/platform-agent` at any time: the copy keeps a long
+/// test on one binary, and when the uplifted file is not this branch's (it
+/// has no `wal-push`) the newest per-build binary in `deps/` that has it is
+/// taken instead.
+fn bin() -> &'static str {
+    static BIN_COPY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN_COPY.get_or_init(|| {
+        let has_wal = |path: &Path| {
+            Command::new(path)
+                .args(["wal-push", "--help"])
+                .output()
+                // Unit test binaries share the name pattern; libtest's own
+                // --help does not talk about archive_command.
+                .is_ok_and(|out| {
+                    out.status.success() && String::from_utf8_lossy(&out.stdout).contains("archive_command")
+                })
+        };
+        let mut candidates = vec![PathBuf::from(BIN)];
+        let deps = Path::new(BIN).parent().unwrap().join("deps");
+        let mut built: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&deps)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("platform_agent-") || name.starts_with("platform-agent-")
+            })
+            .filter(|e| {
+                e.metadata()
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        built.sort();
+        candidates.extend(built.into_iter().rev().map(|(_, path)| path));
+        let source = candidates
+            .into_iter()
+            .find(|path| has_wal(path))
+            .unwrap_or_else(|| panic!("no platform-agent binary with wal-push under {}", deps.display()));
+        let dir = tempfile::tempdir().unwrap().keep();
+        chmod(&dir, 0o755);
+        let copy = dir.join("platform-agent");
+        std::fs::copy(&source, &copy).unwrap();
+        chmod(&copy, 0o755);
+        copy.display().to_string()
+    })
+}
+
 /// The daemon with WAL archiving to s3s-fs; its directory (config, socket)
 /// is reachable by the `postgres` user, the socket's group is `postgres`.
 struct Rig {
     s3: S3Server,
-    daemon: Daemon,
+    dir: tempfile::TempDir,
+    daemon: Option<std::process::Child>,
 }
 
 impl Rig {
@@ -50,17 +100,22 @@ impl Rig {
         // The test's wrapper (running as postgres) looks at the server's files.
         chmod(s3.data_dir().parent().unwrap(), 0o755);
         chmod(s3.data_dir(), 0o755);
-        let creds = tempfile::tempdir().unwrap().keep();
-        chmod(&creds, 0o755);
-        let key = creds.join("s3-access-key");
-        let secret = creds.join("s3-secret-key");
+        let dir = tempfile::tempdir().unwrap();
+        chmod(dir.path(), 0o755);
+        let key = dir.path().join("s3-access-key");
+        let secret = dir.path().join("s3-secret-key");
         std::fs::write(&key, s3.access_key()).unwrap();
         std::fs::write(&secret, s3.secret_key()).unwrap();
         // Readable by postgres: the direct mode test uploads as postgres.
         chmod(&key, 0o644);
         chmod(&secret, 0o644);
+        let config_dir = dir.path().join("config.d");
+        std::fs::create_dir(&config_dir).unwrap();
+        chmod(&config_dir, 0o755);
         let config = format!(
-            "[control]\ngroup = \"postgres\"\n\
+            "[agent]\nstate_dir = \"../state\"\nshutdown_timeout = \"10s\"\n\
+             [control]\nsocket = \"../control.sock\"\ngroup = \"postgres\"\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\ntextfile_dir = \"../textfile\"\n\
              [backup]\nscratch_dir = \"../scratch\"\n\
              [object_store]\nbackend = \"s3\"\n\
              [object_store.s3]\nendpoint = \"{}\"\nbucket = \"{BUCKET}\"\naccess_key_id_file = \"{}\"\nsecret_access_key_file = \"{}\"\n\
@@ -69,19 +124,65 @@ impl Rig {
             key.display(),
             secret.display()
         );
-        let daemon = Daemon::start(&config);
-        chmod(daemon.dir.path(), 0o755);
-        Rig { s3, daemon }
+        let file = config_dir.join("50-wal.toml");
+        std::fs::write(&file, config).unwrap();
+        chmod(&file, 0o644);
+        let mut rig = Rig { s3, dir, daemon: None };
+        rig.start_daemon();
+        rig
     }
 
-    fn config_dir(&self) -> &Path {
-        &self.daemon.config_dir
+    fn start_daemon(&mut self) {
+        let child = Command::new(bin())
+            .arg("run")
+            .arg("--config")
+            .arg(self.config_dir())
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("daemon.log")).unwrap())
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        wait_for("the daemon to answer", Duration::from_secs(30), || {
+            self.cli(&["status"]).status.success().then_some(())
+        });
+    }
+
+    fn stop_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(self.config_dir())
+            .output()
+            .unwrap()
+    }
+
+    fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "status: {}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config.d")
     }
 
     /// `wal-push` as the postgres user, like archive_command.
     fn push_as_postgres(&self, path: &Path, name: &str) -> Output {
         Command::new("runuser")
-            .args(["-u", "postgres", "--", BIN, "wal-push", "--config"])
+            .args(["-u", "postgres", "--", bin(), "wal-push", "--config"])
             .arg(self.config_dir())
             .arg(path)
             .arg(name)
@@ -90,7 +191,7 @@ impl Rig {
     }
 
     fn fetch(&self, name: &str, path: &Path) -> Output {
-        Command::new(BIN)
+        Command::new(bin())
             .args(["wal-fetch", "--config"])
             .arg(self.config_dir())
             .arg(name)
@@ -100,7 +201,7 @@ impl Rig {
     }
 
     fn wal_status(&self) -> Value {
-        self.daemon.status_json()["wal_status"].clone()
+        self.status()["wal_status"].clone()
     }
 
     /// The object's file on the S3 server's disk.
@@ -178,7 +279,7 @@ fn rearchive_of_identical_content_succeeds_and_of_different_content_fails() {
     assert_eq!(wal["archived_total"], 1, "{wal}");
     assert_eq!(wal["already_archived_total"], 1, "{wal}");
     assert_eq!(wal["conflicts_total"], 1, "{wal}");
-    assert_eq!(rig.daemon.status_json()["wal"]["state"], "degraded");
+    assert_eq!(rig.status()["wal"]["state"], "degraded");
 
     // The group may push only files it owns: not root's.
     let root_owned = dir.path().join("000000010000000000000008");
@@ -203,7 +304,7 @@ fn rearchive_of_identical_content_succeeds_and_of_different_content_fails() {
 }
 
 fn archive_command(rig: &Rig) -> String {
-    format!("{BIN} wal-push --config {} %p %f", rig.config_dir().display())
+    format!("{} wal-push --config {} %p %f", bin(), rig.config_dir().display())
 }
 
 /// Segment names (24 hex digits) in pg_wal, sorted.
@@ -247,4 +348,159 @@ fn postgres_archives_segments_through_wal_push() {
     }
     let wal = rig.wal_status();
     assert!(wal["archived_total"].as_u64().unwrap() >= 3, "{wal}");
+}
+
+/// archive_command wrapped so that each success is checked at once: when
+/// `wal-push` exits 0 the object must already be on the S3 server's disk
+/// with the segment's content, or the segment is written to `violations`.
+fn checking_wrapper(rig: &Rig, dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let script = dir.join("archive.sh");
+    let violations = dir.join("violations");
+    let ok = dir.join("ok");
+    let failed = dir.join("failed");
+    let root = rig.s3.data_dir().join(BUCKET).join("wal");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/sh
+"{bin}" wal-push --config "{config}" "$1" "$2"
+rc=$?
+if [ $rc -eq 0 ]; then
+    object="{root}/$(echo "$2" | cut -c1-8)/$2.zst"
+    if [ ! -f "$object" ]; then
+        echo "$2 missing" >> "{violations}"
+    elif [ "$(zstd -qdc "$object" | sha256sum | cut -d' ' -f1)" != "$(sha256sum < "$1" | cut -d' ' -f1)" ]; then
+        echo "$2 differs" >> "{violations}"
+    fi
+    echo "$2" >> "{ok}"
+else
+    echo "$2 $rc" >> "{failed}"
+fi
+exit $rc
+"#,
+            bin = bin(),
+            config = rig.config_dir().display(),
+            root = root.display(),
+            violations = violations.display(),
+            ok = ok.display(),
+            failed = failed.display(),
+        ),
+    )
+    .unwrap();
+    chmod(&script, 0o755);
+    make_writable_by_postgres(dir);
+    (script, violations, ok, failed)
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The issue's fault test: pgbench load for several minutes with the S3
+/// server stopped for over 60 s in the middle. Every segment PostgreSQL
+/// generated ends up in S3 with its SHA-256, and none was reported archived
+/// before it was there. `WAL_FAULT_LOAD_SECS` (default 180) sets the load.
+#[test]
+fn no_segment_is_lost_or_reported_early_when_s3_stops_under_pgbench_load() {
+    let load_secs: u64 = std::env::var("WAL_FAULT_LOAD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(180);
+    let outage = Duration::from_secs(65);
+    let mut rig = Rig::start("");
+    let check_dir = postgres_dir();
+    let (script, violations, ok, failed) = checking_wrapper(&rig, check_dir.path());
+    let pg = Postgres::builder()
+        .wal_segsize_mb(1)
+        .archive_command(format!("{} %p %f", script.display()))
+        // Keep every segment in pg_wal to compare with the archive.
+        .extra_conf("wal_keep_size", "8GB")
+        .extra_conf("max_wal_size", "8GB")
+        .start();
+    let pgbench = |args: &[&str]| {
+        let mut cmd = Command::new(pg.bin_dir().join("pgbench"));
+        cmd.args(["-h"])
+            .arg(pg.socket_dir())
+            .args(["-p", &pg.port().to_string(), "-U", "postgres"])
+            .args(args)
+            .arg("postgres");
+        cmd
+    };
+    let out = pgbench(&["-i", "-q", "-s", "5"]).output().unwrap();
+    assert!(out.status.success(), "pgbench -i: {}", text(&out));
+
+    let started = Instant::now();
+    let mut load = pgbench(&["-c", "4", "-j", "2", "-T", &load_secs.to_string(), "-n"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let outage_at = Duration::from_secs(load_secs.saturating_sub(outage.as_secs()) / 2);
+    std::thread::sleep(outage_at);
+    let archived_before = lines(&ok).len();
+    rig.s3.stop();
+    let stopped_at = Instant::now();
+    std::thread::sleep(outage);
+    let failures_during_outage = lines(&failed).len();
+    rig.s3.start_again();
+    eprintln!(
+        "S3 down {:?} from {:?}; {} archived before, {} failed pushes during the outage",
+        stopped_at.elapsed(),
+        outage_at,
+        archived_before,
+        failures_during_outage
+    );
+    let status = load.wait().unwrap();
+    assert!(status.success(), "pgbench failed: {status}");
+    let last = pg.psql("select pg_walfile_name(pg_switch_wal())");
+    wait_for("the archiver to catch up", Duration::from_secs(600), || {
+        (pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver") >= last).then_some(())
+    });
+    eprintln!("caught up after {:?}", started.elapsed());
+
+    assert!(archived_before > 0, "nothing was archived before the outage");
+    assert!(failures_during_outage > 0, "no push failed while S3 was down");
+    assert_eq!(
+        lines(&violations),
+        Vec::<String>::new(),
+        "reported archived before durable"
+    );
+
+    let pg_wal = pg.data_dir().join("pg_wal");
+    let generated: Vec<String> = segments_in(&pg_wal).into_iter().filter(|n| *n <= last).collect();
+    assert!(
+        generated.len() > 50,
+        "only {} segments: too little load",
+        generated.len()
+    );
+    let mut missing = Vec::new();
+    for name in &generated {
+        let raw = std::fs::read(pg_wal.join(name)).unwrap();
+        if rig.archived_sha256(name).as_deref() != Some(sha256(&raw).as_str()) {
+            missing.push(name.clone());
+        }
+    }
+    assert_eq!(missing, Vec::<String>::new(), "segments not in S3 with their checksum");
+    // PostgreSQL's own record: every .done is in S3.
+    for entry in std::fs::read_dir(pg_wal.join("archive_status")).unwrap() {
+        let file = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if let Some(name) = file.strip_suffix(".done") {
+            assert!(rig.object(name).exists(), "{name} is .done but not in S3");
+        }
+    }
+    eprintln!(
+        "{} segments generated and archived; {} pushes failed and were retried",
+        generated.len(),
+        lines(&failed).len()
+    );
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.stop_daemon();
+    }
 }
