@@ -284,7 +284,7 @@ impl BackupService {
                     Some(scratch),
                 )
             }
-            Some(BackupKind::Files) => (
+            Some(BackupKind::Files | BackupKind::PgBasebackup) => (
                 Box::new(|input| {
                     source::files::check(input)
                         .map(|(entries, bytes)| format!("{entries} archive entries, {bytes} bytes of files"))
@@ -507,6 +507,11 @@ impl BackupService {
             }
         };
         let (target, summary) = match job.kind {
+            BackupKind::PgBasebackup => {
+                return Err(BackupError::Refused(
+                    "a base backup is restored with `platform-agent restore pg --pitr TIME --target-dir DIR`".into(),
+                ))
+            }
             BackupKind::Postgres => {
                 let pg = job.postgres.clone().unwrap_or_default();
                 let database = request.target.clone().unwrap_or_else(|| record.target.clone());

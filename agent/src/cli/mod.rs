@@ -164,12 +164,23 @@ struct RestoreArgs {
     /// PostgreSQL: do not restore ownership and privileges.
     #[arg(long)]
     no_owner: bool,
+    /// PostgreSQL point-in-time recovery to this RFC 3339 time, from a
+    /// pg-basebackup job's base backup and the WAL archive (no daemon needed).
+    #[arg(long, value_name = "TIME", requires = "target_dir")]
+    pitr: Option<String>,
+    /// With --pitr: the empty directory to restore the cluster into.
+    #[arg(long, value_name = "DIR")]
+    target_dir: Option<PathBuf>,
+    /// With --pitr: the base backup's catalog id (default: the newest that finished before TIME).
+    #[arg(long, value_name = "ID", requires = "pitr")]
+    from: Option<i64>,
     #[arg(long)]
     json: bool,
 }
 
 fn parse_kind(word: &str) -> Result<crate::backup::BackupKind, String> {
-    crate::backup::BackupKind::parse(word).ok_or_else(|| format!("{word:?}: expected pg, vault, k3s or files"))
+    crate::backup::BackupKind::parse(word)
+        .ok_or_else(|| format!("{word:?}: expected pg, vault, k3s, files or pg-basebackup"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -200,6 +211,7 @@ pub fn main() -> ExitCode {
             crate::wal::client::push(&sources, cli.global.socket.as_deref(), &path, &name)
         }
         Command::WalFetch { name, path } => crate::wal::client::fetch(&sources, &name, &path),
+        Command::Restore(args) if args.pitr.is_some() => restore_pitr(&cli.global, &sources, &args),
         Command::Config(ConfigCommand::Check { files }) => {
             let sources = if files.is_empty() {
                 sources
@@ -215,6 +227,54 @@ pub fn main() -> ExitCode {
                 ExitCode::from(client_exit_code(&err))
             }
         },
+    }
+}
+
+/// `restore pg --pitr`: runs here, not in the daemon (see `wal::restore`).
+fn restore_pitr(global: &GlobalArgs, sources: &ConfigSources, args: &RestoreArgs) -> ExitCode {
+    if args.kind != crate::backup::BackupKind::Postgres {
+        eprintln!("platform-agent: --pitr restores PostgreSQL only (restore pg --pitr ...)");
+        return ExitCode::from(64);
+    }
+    let loaded = match config::load(sources) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("platform-agent: {errors}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("platform-agent: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (Some(target), Some(dir)) = (args.pitr.as_deref(), args.target_dir.as_deref()) else {
+        return ExitCode::from(64);
+    };
+    match runtime.block_on(crate::wal::restore::pitr(
+        &loaded.settings,
+        &global.config,
+        target,
+        dir,
+        args.from,
+    )) {
+        Ok(report) => {
+            println!(
+                "restored base backup {} (WAL from {}) into {}; recovery to {} is set up:\nstart PostgreSQL on {} and it replays the archived WAL, then promotes",
+                report.base_backup,
+                report.start_segment,
+                report.target_dir.display(),
+                report.target_time,
+                report.target_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("platform-agent: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -17,11 +17,13 @@
 //! - [`client`]: the `wal-push` and `wal-fetch` commands.
 //! - [`spool`]: spool mode's local queue and its shipper.
 //! - [`watchdog`]: the gap watchdog and the lag figures in status.
+//! - [`restore`]: `restore pg --pitr` from a base backup and the archive.
 
 pub mod archive;
 pub mod catalog;
 pub mod client;
 pub mod names;
+pub mod restore;
 pub mod settings;
 pub mod spool;
 pub mod watchdog;
