@@ -171,6 +171,15 @@ impl Rig {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Adds a drop-in and restarts the daemon on it.
+    fn reconfigure(&mut self, name: &str, text: &str) {
+        let file = self.config_dir().join(name);
+        std::fs::write(&file, text).unwrap();
+        chmod(&file, 0o644);
+        self.stop_daemon();
+        self.start_daemon();
+    }
+
     fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
@@ -505,6 +514,16 @@ impl Drop for Rig {
     }
 }
 
+/// A backup job `base` of kind pg-basebackup for `pg`, with `extra` keys.
+fn base_backup_job(pg: &Postgres, extra: &str) -> String {
+    format!(
+        "[[backup.jobs]]\nname = \"base\"\nkind = \"pg-basebackup\"\n{extra}\n[backup.jobs.pg-basebackup]\nhost = \"{}\"\nport = {}\nuser = \"postgres\"\nbin_dir = \"{}\"\n",
+        pg.socket_dir().display(),
+        pg.port(),
+        pg.bin_dir().display()
+    )
+}
+
 /// Point-in-time recovery: a base backup (backup job of kind
 /// pg-basebackup), two transactions with a recorded time between them, the
 /// WAL archived; `restore pg --pitr` into a new directory and PostgreSQL
@@ -513,20 +532,7 @@ impl Drop for Rig {
 fn pitr_restore_returns_exactly_the_rows_committed_before_the_target_time() {
     let mut rig = Rig::start("");
     let mut pg = Postgres::builder().archive_command(archive_command(&rig)).start();
-    let job = rig.config_dir().join("60-base.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "[[backup.jobs]]\nname = \"base\"\nkind = \"pg-basebackup\"\n[backup.jobs.pg-basebackup]\nhost = \"{}\"\nport = {}\nuser = \"postgres\"\nbin_dir = \"{}\"\n",
-            pg.socket_dir().display(),
-            pg.port(),
-            pg.bin_dir().display()
-        ),
-    )
-    .unwrap();
-    chmod(&job, 0o644);
-    rig.stop_daemon();
-    rig.start_daemon();
+    rig.reconfigure("60-base.toml", &base_backup_job(&pg, ""));
 
     pg.psql("create table t (v text); insert into t values ('before-backup');");
     let out = rig.cli(&["backup", "now", "base"]);
@@ -602,4 +608,204 @@ fn pitr_restore_returns_exactly_the_rows_committed_before_the_target_time() {
         "rows after PITR to {target}:\n{server_log}"
     );
     assert!(server_log.contains("recovery stopping before commit"), "{server_log}");
+}
+
+/// Spool mode: over `spool_max_bytes` wal-push fails (PostgreSQL would keep
+/// the segment and retry), nothing spooled is dropped while S3 is away, and
+/// everything is shipped once it is back.
+#[test]
+fn full_spool_fails_the_push_drops_nothing_and_ships_later() {
+    let mut rig = Rig::start("mode = \"spool\"\nspool_max_bytes = 3145728\n");
+    rig.s3.stop();
+    let dir = postgres_dir();
+    let names: Vec<String> = (1..=4).map(|i| format!("0000000100000000000000{i:02X}")).collect();
+    let files: Vec<PathBuf> = names.iter().map(|n| fake_segment(dir.path(), n, n)).collect();
+    for (name, file) in names.iter().zip(&files).take(3) {
+        let out = rig.push_as_postgres(file, name);
+        assert!(out.status.success(), "spooling {name}: {}", text(&out));
+    }
+    // 3 MiB spooled: the fourth does not fit and must fail, loudly.
+    let out = rig.push_as_postgres(&files[3], &names[3]);
+    assert!(!out.status.success(), "a push over the spool limit succeeded");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spool_max_bytes"),
+        "{}",
+        text(&out)
+    );
+    let spool = rig.dir.path().join("state/wal-spool");
+    let mut spooled: Vec<String> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    spooled.sort();
+    assert_eq!(spooled, names[..3].to_vec(), "the spool lost or gained files");
+
+    rig.s3.start_again();
+    wait_for("the spool to drain", Duration::from_secs(60), || {
+        (std::fs::read_dir(&spool).unwrap().count() == 0).then_some(())
+    });
+    let out = rig.push_as_postgres(&files[3], &names[3]);
+    assert!(out.status.success(), "push after the spool drained: {}", text(&out));
+    wait_for("the last segment to be shipped", Duration::from_secs(60), || {
+        rig.archived_sha256(&names[3]).map(|_| ())
+    });
+    for (name, file) in names.iter().zip(&files) {
+        assert_eq!(
+            rig.archived_sha256(name),
+            Some(sha256(&std::fs::read(file).unwrap())),
+            "{name}"
+        );
+    }
+    // Re-pushing a shipped segment is an identical re-archive.
+    let out = rig.push_as_postgres(&files[0], &names[0]);
+    assert!(out.status.success(), "{}", text(&out));
+    let wal = rig.wal_status();
+    assert!(wal["failures_total"].as_u64().unwrap() >= 1, "{wal}");
+}
+
+/// when_daemon_down = "direct": with the agent stopped, wal-push uploads
+/// the segment itself through the same code, re-archive rules included.
+#[test]
+fn wal_push_archives_directly_while_the_agent_is_down() {
+    let mut rig = Rig::start("when_daemon_down = \"direct\"\n");
+    rig.stop_daemon();
+    let dir = postgres_dir();
+    let name = "000000010000000000000011";
+    let file = fake_segment(dir.path(), name, "direct");
+    let out = rig.push_as_postgres(&file, name);
+    assert!(out.status.success(), "direct push: {}", text(&out));
+    assert_eq!(rig.archived_sha256(name), Some(sha256(&std::fs::read(&file).unwrap())));
+    let out = rig.push_as_postgres(&file, name);
+    assert!(out.status.success(), "identical direct re-push: {}", text(&out));
+    let other_dir = postgres_dir();
+    let other = fake_segment(other_dir.path(), name, "something else");
+    let out = rig.push_as_postgres(&other, name);
+    assert!(!out.status.success(), "a different segment was accepted directly");
+
+    // With "fail" (the default) the push fails and PostgreSQL retries.
+    let fail = Rig::start("");
+    let mut fail = fail;
+    fail.stop_daemon();
+    let out = fail.push_as_postgres(&file, name);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(fail.archived_sha256(name).is_none());
+}
+
+/// The gap watchdog: an object deleted behind the agent's back is reported
+/// as a gap (status, metrics); with `pg_wal_dir` set it is pushed again.
+#[test]
+fn watchdog_reports_a_deleted_segment_and_pushes_it_again_from_pg_wal() {
+    let mut rig = Rig::start("watchdog_interval = \"1s\"\n");
+    let pg = Postgres::builder().archive_command(archive_command(&rig)).start();
+    pg.psql("create table t (id int);");
+    let mut switched = Vec::new();
+    for i in 0..4 {
+        pg.psql(&format!("insert into t values ({i});"));
+        switched.push(pg.psql("select pg_walfile_name(pg_switch_wal())"));
+    }
+    let last = switched.last().unwrap().clone();
+    wait_for("archiving", Duration::from_secs(60), || {
+        (pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver") >= last).then_some(())
+    });
+    let victim = switched[1].clone();
+    let original = rig.archived_sha256(&victim).expect("archived");
+    std::fs::remove_file(rig.object(&victim)).unwrap();
+
+    wait_for("the gap to be reported", Duration::from_secs(30), || {
+        let wal = rig.wal_status();
+        (wal["gaps"] == serde_json::json!([victim.clone()])).then_some(())
+    });
+    let status = rig.status();
+    assert_eq!(status["wal"]["state"], "degraded", "{}", status["wal"]);
+    let listen = status["metrics"]["listen"].as_str().unwrap().to_string();
+    let metrics = Command::new("curl")
+        .args(["-sS", "--noproxy", "*", &format!("http://{listen}/metrics")])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    assert!(metrics.contains("platform_agent_wal_gap_segments 1"), "{metrics}");
+    assert!(
+        metrics.contains("platform_agent_wal_last_archived_timestamp_seconds"),
+        "{metrics}"
+    );
+
+    // Told where pg_wal is, the watchdog pushes the segment again.
+    rig.reconfigure(
+        "60-pg-wal.toml",
+        &format!("[wal]\npg_wal_dir = \"{}\"\n", pg.data_dir().join("pg_wal").display()),
+    );
+    wait_for("the segment to be pushed again", Duration::from_secs(30), || {
+        let wal = rig.wal_status();
+        (wal["gaps"] == serde_json::json!([]) && wal["repushed_total"].as_u64() >= Some(1)).then_some(())
+    });
+    assert_eq!(rig.archived_sha256(&victim), Some(original), "{}", rig.daemon_log());
+}
+
+/// WAL retention follows base backup retention: segments older than the
+/// oldest retained base backup's start are deleted, the ones it needs stay.
+#[test]
+fn wal_needed_by_a_retained_base_backup_survives_retention() {
+    let mut rig = Rig::start("watchdog_interval = \"1s\"\n");
+    let pg = Postgres::builder().archive_command(archive_command(&rig)).start();
+    rig.reconfigure(
+        "60-base.toml",
+        &base_backup_job(
+            &pg,
+            "keep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_verified = 1\n",
+        ),
+    );
+    pg.psql("create table t (id int);");
+    let switch = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                pg.psql(&format!("insert into t values ({i});"));
+                pg.psql("select pg_walfile_name(pg_switch_wal())")
+            })
+            .collect()
+    };
+    let before_first = switch(2);
+    let out = rig.cli(&["backup", "now", "base"]);
+    assert!(out.status.success(), "first base backup: {}", text(&out));
+    let between = switch(2);
+    let out = rig.cli(&["backup", "now", "base"]);
+    assert!(out.status.success(), "second base backup: {}", text(&out));
+    let after = switch(2);
+    let last = after.last().unwrap().clone();
+    wait_for("archiving", Duration::from_secs(60), || {
+        (pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver") >= last).then_some(())
+    });
+
+    // Both base backups retained: only what is older than the first goes.
+    wait_for(
+        "WAL older than the first base backup to go",
+        Duration::from_secs(30),
+        || before_first.iter().all(|n| !rig.object(n).exists()).then_some(()),
+    );
+    for name in between.iter().chain(&after) {
+        assert!(
+            rig.object(name).exists(),
+            "{name} was deleted while a retained base backup needs it"
+        );
+    }
+
+    // Retention prunes the first base backup: the WAL between them goes,
+    // the second's (and later) stays.
+    let out = rig.cli(&["backup", "prune", "--job", "base"]);
+    assert!(out.status.success(), "prune: {}", text(&out));
+    wait_for(
+        "WAL only the pruned backup needed to go",
+        Duration::from_secs(30),
+        || between.iter().all(|n| !rig.object(n).exists()).then_some(()),
+    );
+    let oldest = rig.wal_status()["oldest_needed"].as_str().unwrap().to_string();
+    assert!(
+        rig.object(&oldest).exists(),
+        "the retained base backup's start segment {oldest} is gone"
+    );
+    for name in &after {
+        assert!(
+            rig.object(name).exists(),
+            "{name} was deleted while a retained base backup needs it"
+        );
+    }
 }

@@ -123,6 +123,10 @@ pub struct WalStatus {
     pub conflicts_total: u64,
     pub failures_total: u64,
     pub repushed_total: u64,
+    /// WAL files deleted because no retained base backup needs them.
+    pub deleted_total: u64,
+    /// The oldest segment a retained base backup needs (WAL retention).
+    pub oldest_needed: Option<String>,
     /// Pushes in flight plus segments waiting in the spool.
     pub queue_segments: u64,
     pub spool_bytes: u64,
@@ -152,6 +156,12 @@ pub struct WalService {
     spooled: tokio::sync::Notify,
     /// Wakes the watchdog early.
     watch_now: tokio::sync::Notify,
+    /// Backup jobs of kind pg-basebackup: their retained base backups decide
+    /// which WAL may be deleted.
+    base_jobs: Vec<String>,
+    backup_catalog: crate::backup::Catalog,
+    /// `.backup` history files already read (they never change).
+    backup_labels: Mutex<HashMap<String, Option<restore::BaseBackupInfo>>>,
 }
 
 impl WalService {
@@ -166,9 +176,16 @@ impl WalService {
             &wal,
             &settings.backup,
             objects.clone(),
-            Some(WalCatalog::new(store)),
-            false,
+            Some(WalCatalog::new(store.clone())),
+            true,
         )?;
+        let base_jobs = settings
+            .backup
+            .jobs
+            .iter()
+            .filter(|j| j.kind == crate::backup::BackupKind::PgBasebackup)
+            .map(|j| j.name.clone())
+            .collect();
         let spool_dir = wal.spool_dir(&settings.agent.state_dir);
         if wal.mode == WalMode::Spool {
             spool::prepare(&spool_dir)?;
@@ -192,6 +209,9 @@ impl WalService {
             spool_dir,
             spooled: tokio::sync::Notify::new(),
             watch_now: tokio::sync::Notify::new(),
+            base_jobs,
+            backup_catalog: crate::backup::Catalog::new(store),
+            backup_labels: Mutex::new(HashMap::new()),
         }))
     }
 

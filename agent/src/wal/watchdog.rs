@@ -149,6 +149,7 @@ impl WalService {
             catalog.record(&row).await?;
             kept.push(row);
         }
+        let (oldest_needed, deleted) = self.apply_retention(&mut kept).await?;
         let mut gaps = find_gaps(&kept);
         let mut repushed = Vec::new();
         if !self.settings.pg_wal_dir.as_os_str().is_empty() {
@@ -180,6 +181,8 @@ impl WalService {
             let Some(wal) = s.wal_status.as_mut() else { return };
             wal.gaps = gaps.clone();
             wal.repushed_total += repushed.len() as u64;
+            wal.deleted_total += deleted;
+            wal.oldest_needed = oldest_needed.clone();
             wal.pending_segments = pending;
             wal.lag_bytes = lag_bytes;
             wal.lag_seconds = lag_seconds;
@@ -192,6 +195,110 @@ impl WalService {
             s.wal = health_of(wal);
         });
         Ok(WatchReport { gaps, repushed })
+    }
+}
+
+impl WalService {
+    /// WAL retention tied to base backups: with at least one retained
+    /// (uploaded or verified, not pruned) base backup of a pg-basebackup
+    /// job whose `.backup` label is in the archive, WAL files whose segment
+    /// number is below the oldest such backup's start segment are deleted
+    /// (on every timeline; history files are kept). Nothing else is: without
+    /// a retained base backup nothing at all. Returns the oldest needed
+    /// segment and how many files went.
+    async fn apply_retention(&self, rows: &mut Vec<WalRow>) -> Result<(Option<String>, u64), WalError> {
+        if self.base_jobs.is_empty() {
+            return Ok((None, 0));
+        }
+        let mut retained = BTreeSet::new();
+        for job in &self.base_jobs {
+            let series = self
+                .backup_catalog
+                .series(job)
+                .await
+                .map_err(|e| WalError::Setup(format!("backup catalog: {e}")))?;
+            retained.extend(
+                series
+                    .into_iter()
+                    .filter(|r| r.state.is_success())
+                    .filter_map(|r| r.key),
+            );
+        }
+        if retained.is_empty() {
+            return Ok((None, 0));
+        }
+        let labels: Vec<String> = rows
+            .iter()
+            .filter(|r| WalName::parse(&r.name).is_some_and(|n| n.kind == WalFileKind::Backup))
+            .map(|r| r.name.clone())
+            .collect();
+        let mut starts: BTreeMap<String, String> = BTreeMap::new();
+        for label in labels {
+            let cached = self
+                .backup_labels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&label)
+                .cloned();
+            let info = match cached {
+                Some(info) => info,
+                None => {
+                    let Some(parsed) = WalName::parse(&label) else { continue };
+                    // Unreadable (encrypted without backup.age_identity_file,
+                    // S3 away): that backup protects nothing yet, so less
+                    // is deleted, never more.
+                    let info = match self.archiver.fetch(&parsed).await {
+                        Ok(data) => {
+                            data.and_then(|data| super::restore::parse_backup_file(&String::from_utf8_lossy(&data)))
+                        }
+                        Err(err) => {
+                            warn!(file = %label, "WAL retention cannot read a backup label: {err}");
+                            return Ok((None, 0));
+                        }
+                    };
+                    self.backup_labels
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(label.clone(), info.clone());
+                    info
+                }
+            };
+            if let Some(info) = info {
+                if retained.contains(&info.key) && info.start_segment.len() == 24 {
+                    starts.insert(info.key, info.start_segment);
+                }
+            }
+        }
+        // Every retained base backup must be accounted for: one whose label
+        // is not (yet) in the archive keeps all WAL.
+        if let Some(unknown) = retained.iter().find(|key| !starts.contains_key(*key)) {
+            warn!(backup = %unknown, "WAL retention: no backup label archived for a retained base backup; deleting no WAL");
+            return Ok((None, 0));
+        }
+        // Compared by segment number (the 16 hex digits after the timeline).
+        let Some(oldest) = starts.into_values().min_by(|a, b| a[8..].cmp(&b[8..])) else {
+            return Ok((None, 0));
+        };
+        let catalog = self.archiver.catalog.clone().expect("the daemon always has a catalog");
+        let mut deleted = 0;
+        let mut kept = Vec::with_capacity(rows.len());
+        for row in rows.drain(..) {
+            let old = WalName::parse(&row.name).is_some_and(|n| n.kind != WalFileKind::History)
+                && row.name.len() >= 24
+                && row.name[8..24] < oldest[8..];
+            if old {
+                self.archiver.objects.delete(&row.key).await?;
+                catalog.forget(&row.name).await?;
+                deleted += 1;
+            } else {
+                kept.push(row);
+            }
+        }
+        *rows = kept;
+        if deleted > 0 {
+            info!(oldest_needed = %oldest, deleted, "WAL retention: deleted {deleted} file(s) no retained base backup needs");
+        }
+        Ok((Some(oldest), deleted))
     }
 }
 
