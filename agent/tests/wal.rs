@@ -809,3 +809,77 @@ fn wal_needed_by_a_retained_base_backup_survives_retention() {
         );
     }
 }
+
+/// Streaming mode: pg_receivewal supervised by the daemon ships completed
+/// segments, alongside archive_command, without conflicts (the streamed
+/// segment and the archived one are the same bytes).
+#[test]
+fn streaming_mode_ships_completed_segments_beside_archive_command() {
+    let mut rig = Rig::start("");
+    let pg = Postgres::builder().archive_command(archive_command(&rig)).start();
+    rig.reconfigure(
+        "60-stream.toml",
+        &format!(
+            "[wal.receivewal]\nenabled = true\nhost = \"{}\"\nport = {}\nuser = \"postgres\"\nbin_dir = \"{}\"\n",
+            pg.socket_dir().display(),
+            pg.port(),
+            pg.bin_dir().display()
+        ),
+    );
+    wait_for("pg_receivewal to run", Duration::from_secs(30), || {
+        (rig.wal_status()["receivewal_running"] == true).then_some(())
+    });
+    wait_for("the replication slot", Duration::from_secs(30), || {
+        (pg.psql("select count(*) from pg_replication_slots where slot_name = 'platform_agent' and active") == "1")
+            .then_some(())
+    });
+    pg.psql("create table t (id int);");
+    let mut switched = Vec::new();
+    for i in 0..3 {
+        pg.psql(&format!("insert into t select generate_series(1, {});", 1000 * (i + 1)));
+        switched.push(pg.psql("select pg_walfile_name(pg_switch_wal())"));
+    }
+    let last = switched.last().unwrap().clone();
+    wait_for(
+        "both paths to have archived the last segment",
+        Duration::from_secs(60),
+        || {
+            (pg.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver") >= last
+                && rig.object(&last).exists())
+            .then_some(())
+        },
+    );
+    let pg_wal = pg.data_dir().join("pg_wal");
+    for name in &switched {
+        let raw = std::fs::read(pg_wal.join(name)).unwrap();
+        assert_eq!(rig.archived_sha256(name), Some(sha256(&raw)), "{name}");
+    }
+    let wal = rig.wal_status();
+    assert_eq!(wal["conflicts_total"], 0, "{wal}\n{}", rig.daemon_log());
+    // Both paths pushed the same segments: the later one found them archived.
+    assert!(wal["already_archived_total"].as_u64().unwrap() >= 1, "{wal}");
+    assert_eq!(pg.psql("select failed_count from pg_stat_archiver"), "0");
+
+    // pg_receivewal killed: the daemon starts it again.
+    let stream_dir = rig.dir.path().join("state/wal-spool/stream");
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find_map(|e| {
+            let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains("pg_receivewal") && cmdline.contains(stream_dir.to_str().unwrap())).then_some(pid)
+        })
+        .expect("the daemon's pg_receivewal");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_for("pg_receivewal to be restarted", Duration::from_secs(30), || {
+        let wal = rig.wal_status();
+        (wal["receivewal_restarts"].as_u64() >= Some(1) && wal["receivewal_running"] == true).then_some(())
+    });
+    pg.psql("insert into t values (1);");
+    let next = pg.psql("select pg_walfile_name(pg_switch_wal())");
+    wait_for("a segment after the restart", Duration::from_secs(60), || {
+        rig.object(&next).exists().then_some(())
+    });
+}

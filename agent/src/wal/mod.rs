@@ -17,12 +17,14 @@
 //! - [`client`]: the `wal-push` and `wal-fetch` commands.
 //! - [`spool`]: spool mode's local queue and its shipper.
 //! - [`watchdog`]: the gap watchdog and the lag figures in status.
+//! - [`receivewal`]: streaming mode, `pg_receivewal` supervised.
 //! - [`restore`]: `restore pg --pitr` from a base backup and the archive.
 
 pub mod archive;
 pub mod catalog;
 pub mod client;
 pub mod names;
+pub mod receivewal;
 pub mod restore;
 pub mod settings;
 pub mod spool;
@@ -127,6 +129,9 @@ pub struct WalStatus {
     pub deleted_total: u64,
     /// The oldest segment a retained base backup needs (WAL retention).
     pub oldest_needed: Option<String>,
+    /// Streaming mode: whether pg_receivewal runs (None: mode off).
+    pub receivewal_running: Option<bool>,
+    pub receivewal_restarts: u64,
     /// Pushes in flight plus segments waiting in the spool.
     pub queue_segments: u64,
     pub spool_bytes: u64,
@@ -330,6 +335,10 @@ impl WalService {
         {
             let (me, cancel) = (self.clone(), cancel.clone());
             tasks.spawn(async move { me.watch(cancel).await });
+        }
+        if self.settings.receivewal.enabled {
+            let (me, cancel) = (self.clone(), cancel.clone());
+            tasks.spawn(async move { me.stream(cancel).await });
         }
         while tasks.join_next().await.is_some() {}
         Ok(())

@@ -47,6 +47,41 @@ pub struct WalSettings {
     /// How often the gap watchdog checks the chain; "0s" = never.
     #[serde(with = "crate::config::duration")]
     pub watchdog_interval: Duration,
+    /// Streaming mode: `pg_receivewal` supervised by the daemon.
+    pub receivewal: ReceiveWalSettings,
+}
+
+/// Streaming mode: the daemon runs `pg_receivewal` into `<spool_dir>/stream`
+/// on a replication slot and ships every completed segment like a pushed
+/// one. The RPO for the object store stays one segment; the segment being
+/// written (`.partial`) is on the local disk with a lag of a few
+/// milliseconds behind the primary.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReceiveWalSettings {
+    pub enabled: bool,
+    /// libpq host: a socket directory or a host name.
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// The replication slot (created if missing), so that the primary keeps
+    /// WAL the stream has not received.
+    pub slot: String,
+    /// Where pg_receivewal is; "" = $PATH.
+    pub bin_dir: PathBuf,
+}
+
+impl Default for ReceiveWalSettings {
+    fn default() -> Self {
+        ReceiveWalSettings {
+            enabled: false,
+            host: "/run/postgresql".into(),
+            port: 5432,
+            user: "postgres".into(),
+            slot: "platform_agent".into(),
+            bin_dir: PathBuf::new(),
+        }
+    }
 }
 
 impl Default for WalSettings {
@@ -66,6 +101,7 @@ impl Default for WalSettings {
             pg_wal_dir: PathBuf::new(),
             prefetch: 4,
             watchdog_interval: Duration::from_secs(60),
+            receivewal: ReceiveWalSettings::default(),
         }
     }
 }
@@ -189,6 +225,20 @@ impl WalSettings {
         }
         if self.push_timeout < Duration::from_secs(1) || self.push_timeout > Duration::from_secs(3600) {
             fail("push_timeout", "must be within 1s..=1h".into());
+        }
+        if self.receivewal.enabled {
+            let slot = &self.receivewal.slot;
+            if slot.is_empty()
+                || slot.len() > 63
+                || !slot
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                fail(
+                    "receivewal.slot",
+                    format!("{slot:?} is not a replication slot name (lowercase letters, digits, '_')"),
+                );
+            }
         }
         if self.prefetch > 64 {
             fail("prefetch", format!("{} is out of range 0..=64", self.prefetch));
