@@ -685,13 +685,14 @@ def timed_runs(cmd, n, cwd):
     (setuid in the child, no PAM session: only the command is timed)."""
     kw = {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
     times = []
-    for _ in range(n):
+    for i in range(n + 2):  # two unmeasured runs first (page cache)
         start = time.monotonic()
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, **kw)
         took = (time.monotonic() - start) * 1000
         if res.returncode != 0:
             raise BenchError(f"{cmd!r} failed ({res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
-        times.append(took)
+        if i >= 2:
+            times.append(took)
     return statistics.median(times)
 
 
@@ -732,7 +733,7 @@ def breakdown(peer, agent, pg, segsize_mb, n=20):
                  f"{exec_ours:.1f} ms (median of {n})")
     lines.append(f"  ours, `platform-agent status` (exec, config, socket round trip): {status:.1f} ms")
     lines.append(f"  ours, `wal-push` of a {len(content) / 2**20:.0f} MiB segment copy, run directly: {push:.1f} ms "
-                 f"(so the daemon's read + zstd + catalog + S3 part is about {push - status:.1f} ms)")
+                 f"(so the daemon's part, after the client's exec and round trip, is about {push - status:.1f} ms)")
     return lines
 
 
@@ -743,7 +744,7 @@ def main():
     parser.add_argument("--s3s-fs", required=True)
     parser.add_argument("--pgbackrest", required=True)
     parser.add_argument("--stunnel", required=True)
-    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--segments", type=int, default=500, help="backlog per throughput window")
     parser.add_argument("--windows", type=int, default=2, help="alternating throughput windows per tool")
     parser.add_argument("--segsize", type=int, default=1, help="wal_segment_size in MiB (initdb)")
@@ -808,7 +809,8 @@ def main():
             summary[tool.short] = (statistics.median(total), percentile(total, 99), statistics.median(archiving))
             log(f"  {tool.label:26} median {statistics.median(total):7.1f} ms   p99 {percentile(total, 99):7.1f} ms"
                 f"   (switch -> .ready median {statistics.median(to_ready):.1f} ms, .ready -> .done median "
-                f"{statistics.median(archiving):.1f} ms, min {min(total):.1f}, max {max(total):.1f})")
+                f"{statistics.median(archiving):.1f} ms; fastest {min(total):.1f}, slowest "
+                f"{', '.join(f'{t:.1f}' for t in sorted(total)[-3:])})")
         log(f"  loadavg {load_latency}")
 
         log(f"\nthroughput, a backlog of {args.segments} segments archived as fast as each tool goes, "

@@ -15,7 +15,7 @@
 # measures pgBackRest alone and says so.
 #
 # Environment:
-#   BENCH_ROUNDS=50        latency rounds per tool
+#   BENCH_ROUNDS=100       latency rounds per tool (p99 = 2nd slowest of 100)
 #   BENCH_SEGMENTS=500     backlog of segments archived per throughput window
 #   BENCH_WINDOWS=2        alternating throughput windows per tool
 #   BENCH_SEGSIZE=1        wal_segment_size in MiB for both clusters (initdb)
@@ -57,7 +57,7 @@ exec python3 "$here/bench.py" \
     --s3s-fs "$S3S_FS_BIN" \
     --pgbackrest "$(command -v pgbackrest)" \
     --stunnel "$(command -v stunnel4 || command -v stunnel)" \
-    --rounds "${BENCH_ROUNDS:-50}" \
+    --rounds "${BENCH_ROUNDS:-100}" \
     --segments "${BENCH_SEGMENTS:-500}" \
     --windows "${BENCH_WINDOWS:-2}" \
     --segsize "${BENCH_SEGSIZE:-1}" \
