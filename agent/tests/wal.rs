@@ -747,13 +747,14 @@ fn watchdog_reports_a_deleted_segment_and_pushes_it_again_from_pg_wal() {
 fn wal_needed_by_a_retained_base_backup_survives_retention() {
     let mut rig = Rig::start("watchdog_interval = \"1s\"\n");
     let pg = Postgres::builder().archive_command(archive_command(&rig)).start();
-    rig.reconfigure(
-        "60-base.toml",
-        &base_backup_job(
+    // Each job run applies retention too: keep both base backups at first.
+    let keep = |n: u32| {
+        base_backup_job(
             &pg,
-            "keep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_verified = 1\n",
-        ),
-    );
+            &format!("keep_last = {n}\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nmin_verified = 1\n"),
+        )
+    };
+    rig.reconfigure("60-base.toml", &keep(2));
     pg.psql("create table t (id int);");
     let switch = |n: usize| -> Vec<String> {
         (0..n)
@@ -790,6 +791,7 @@ fn wal_needed_by_a_retained_base_backup_survives_retention() {
 
     // Retention prunes the first base backup: the WAL between them goes,
     // the second's (and later) stays.
+    rig.reconfigure("60-base.toml", &keep(1));
     let out = rig.cli(&["backup", "prune", "--job", "base"]);
     assert!(out.status.success(), "prune: {}", text(&out));
     wait_for(

@@ -181,7 +181,16 @@ impl Archiver {
     async fn existing(&self, raw: &RawFile, key: &str) -> Result<Option<(String, String)>, WalError> {
         if let Some(catalog) = &self.catalog {
             if let Some(row) = catalog.lookup(&raw.name.name).await? {
-                return Ok(Some((row.raw_sha256, row.key)));
+                if row.raw_sha256 != raw.sha256 {
+                    return Ok(Some((row.raw_sha256, row.key)));
+                }
+                // A re-archive is rare: make sure the object is still there
+                // before calling it archived (it may have been deleted
+                // behind the agent's back).
+                if self.objects.head(&row.key).await?.is_some() {
+                    return Ok(Some((row.raw_sha256, row.key)));
+                }
+                catalog.forget(&row.name).await?;
             }
         }
         match self.objects.head(key).await? {
