@@ -885,3 +885,37 @@ fn streaming_mode_ships_completed_segments_beside_archive_command() {
         rig.object(&next).exists().then_some(())
     });
 }
+
+/// wal-fetch with prefetch: fetching segment N brings N+1.. into the
+/// prefetch directory, and the next call is served from there, even with
+/// the object store unreachable.
+#[test]
+fn wal_fetch_prefetches_the_following_segments() {
+    let mut rig = Rig::start("prefetch = 2\n");
+    let dir = postgres_dir();
+    let names: Vec<String> = (1..=3).map(|i| format!("0000000100000000000000{i:02X}")).collect();
+    let mut contents = Vec::new();
+    for name in &names {
+        let file = fake_segment(dir.path(), name, name);
+        contents.push(sha256(&std::fs::read(&file).unwrap()));
+        let out = rig.push_as_postgres(&file, name);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let pg_wal = tempfile::tempdir().unwrap();
+    let target = pg_wal.path().join("RECOVERYXLOG");
+    let out = rig.fetch(&names[0], &target);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(sha256(&std::fs::read(&target).unwrap()), contents[0]);
+    let prefetch = pg_wal.path().join(".platform-agent-prefetch");
+    for name in &names[1..] {
+        assert!(prefetch.join(name).exists(), "{name} was not prefetched");
+    }
+    rig.s3.stop();
+    let out = rig.fetch(&names[1], &target);
+    assert!(out.status.success(), "not served from the prefetch: {}", text(&out));
+    assert_eq!(sha256(&std::fs::read(&target).unwrap()), contents[1]);
+    assert!(
+        !prefetch.join(&names[1]).exists(),
+        "a used prefetched file stays behind"
+    );
+}
