@@ -235,8 +235,18 @@ impl Archiver {
         ]);
         let encoded = encode(&raw.data, self.compression, self.level, &self.recipients)?;
         self.objects.put(&key, &mut &encoded[..], metadata).await?;
-        if let Some(catalog) = &self.catalog {
-            catalog.record(&self.row(&raw, &key)).await?;
+        // The object (with its wal-sha256) is the truth; the catalog row is
+        // an index of it, written off the answer's path: the state store
+        // fsyncs every commit, and wal-push latency is PostgreSQL's
+        // archiving throughput. A row lost to a crash is found again by the
+        // next re-archive's HEAD and by the watchdog's reconciliation.
+        if let Some(catalog) = self.catalog.clone() {
+            let row = self.row(&raw, &key);
+            tokio::spawn(async move {
+                if let Err(err) = catalog.record(&row).await {
+                    tracing::warn!(segment = %row.name, "cannot record an archived WAL file in the catalog: {err}");
+                }
+            });
         }
         Ok((PushOutcome::Archived, key))
     }
