@@ -18,3 +18,4 @@ pub mod store;
 pub mod supervisor;
 pub mod systemd;
 pub mod volume;
+pub mod wal;

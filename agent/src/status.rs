@@ -101,6 +101,9 @@ pub struct Status {
     /// Details behind `gitops` once it is enabled.
     #[serde(default)]
     pub gitops_status: Option<crate::gitops::GitopsStatus>,
+    /// Details behind `wal` once WAL archiving is on.
+    #[serde(default)]
+    pub wal_status: Option<crate::wal::WalStatus>,
 }
 
 /// The outcome of a backup job's last run, as the metrics export it
@@ -246,6 +249,7 @@ impl Status {
             last_shutdown: Vec::new(),
             backup_jobs: Vec::new(),
             gitops_status: None,
+            wal_status: None,
         }
     }
 

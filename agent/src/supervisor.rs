@@ -180,6 +180,24 @@ impl Daemon {
             }
         };
 
+        let wal = if settings.wal.enabled {
+            match crate::wal::WalService::new(&settings, store.clone(), objects.clone(), status.clone()) {
+                Ok(service) => Some(service),
+                Err(err) => {
+                    // Not fatal: wal-push then fails and PostgreSQL keeps its WAL.
+                    error!(error = %err, "WAL archiving cannot start");
+                    status.update(|s| {
+                        s.wal = Health::Failed {
+                            reason: err.to_string(),
+                        }
+                    });
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
         let node = match Node::build(&settings, status.clone()).await {
             Ok(node) => Arc::new(node),
             Err(err) => {
@@ -229,6 +247,7 @@ impl Daemon {
             daemon_uid: nix::unistd::geteuid().as_raw(),
             backup: backup.clone(),
             gitops: Some(gitops_handle),
+            wal: wal.clone(),
         });
         {
             let cancel = cancel.clone();
@@ -264,6 +283,10 @@ impl Daemon {
             // reload can turn it on.
             let cancel = cancel.clone();
             subsystems.spawn(async move { ("gitops", gitops.run(cancel).await) });
+        }
+        if let Some(wal) = wal {
+            let cancel = cancel.clone();
+            subsystems.spawn(async move { ("wal", wal.run(cancel).await) });
         }
         subsystems.spawn(publish_status(status.clone(), cancel.clone()));
         if let Some(interval) = notify::watchdog_interval() {

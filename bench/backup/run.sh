@@ -23,20 +23,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 cd "$repo"
 
-if [[ -n "${PLATFORM_AGENT_BIN:-}" ]]; then
-    bin="$PLATFORM_AGENT_BIN"
-else
-    bin="$repo/target/release/platform-agent"
-    if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
-        echo "building: cargo build --release -p platform-agent"
-        if ! cargo build --release -p platform-agent >"${TMPDIR:-/tmp}/pa-bench-build.log" 2>&1; then
-            tail -n 30 "${TMPDIR:-/tmp}/pa-bench-build.log" >&2
-            echo "ERROR: cargo build --release -p platform-agent failed (log above)" >&2
-            exit 1
-        fi
-    fi
-fi
-[[ -x "$bin" ]] || { echo "ERROR: no executable at $bin" >&2; exit 1; }
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
+bench_binary
 
 fixtures="${PLATFORM_AGENT_FIXTURES:-/var/cache/platform-agent-fixtures}"
 if [[ ! -f "$fixtures/env" ]]; then

@@ -23,20 +23,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 cd "$repo"
 
-if [[ -n "${PLATFORM_AGENT_BIN:-}" ]]; then
-    bin="$PLATFORM_AGENT_BIN"
-else
-    bin="$repo/target/release/platform-agent"
-    if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
-        echo "building: cargo build --release -p platform-agent"
-        if ! cargo build --release -p platform-agent >"${TMPDIR:-/tmp}/pa-bench-metrics-build.log" 2>&1; then
-            tail -n 30 "${TMPDIR:-/tmp}/pa-bench-metrics-build.log" >&2
-            echo "ERROR: cargo build --release -p platform-agent failed (log above)" >&2
-            exit 1
-        fi
-    fi
-fi
-[[ -x "$bin" ]] || { echo "ERROR: no executable at $bin" >&2; exit 1; }
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
+bench_binary
 
 if ! command -v prometheus-node-exporter >/dev/null; then
     bash "$repo/tests/fixtures/install-metrics-peers.sh"

@@ -22,25 +22,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 cd "$repo"
 
-if [[ -n "${PLATFORM_AGENT_BIN:-}" ]]; then
-    bin="$PLATFORM_AGENT_BIN"
-else
-    bin="$repo/target/release/platform-agent"
-    if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
-        echo "building: cargo build --release -p platform-agent"
-        build_log="$(mktemp -t pa-bench-build.XXXXXX)"
-        if ! cargo build --release -p platform-agent >"$build_log" 2>&1; then
-            tail -n 30 "$build_log" >&2
-            echo "ERROR: cargo build --release -p platform-agent failed (log above, full log $build_log)" >&2
-            exit 1
-        fi
-        rm -f "$build_log"
-    fi
-fi
-if [[ ! -x "$bin" ]]; then
-    echo "ERROR: no executable at $bin" >&2
-    exit 1
-fi
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
+bench_binary
 
 exporter="$(command -v prometheus-node-exporter || true)"
 if [[ -z "$exporter" ]]; then

@@ -24,6 +24,9 @@ use crate::status::{BackupJobStatus, BackupResult, Health};
 /// The last attempt of each target of one run (rows oldest first). A failed
 /// listing of targets ("*") no longer counts once a later attempt listed
 /// them.
+/// Object metadata `pa-format` of a pg_basebackup tar.
+pub const BASEBACKUP_FORMAT: &str = "pg-basebackup-tar";
+
 fn final_rows<'a>(rows: impl Iterator<Item = &'a BackupRecord>) -> Vec<&'a BackupRecord> {
     let mut last: BTreeMap<&str, &BackupRecord> = BTreeMap::new();
     for row in rows {
@@ -309,6 +312,11 @@ impl BackupService {
             BackupKind::Files => Ok(vec![Target {
                 name: "files".into(),
                 format: source::files::FORMAT,
+                extension: "tar",
+            }]),
+            BackupKind::PgBasebackup => Ok(vec![Target {
+                name: "cluster".into(),
+                format: BASEBACKUP_FORMAT,
                 extension: "tar",
             }]),
         }
@@ -663,6 +671,12 @@ impl BackupService {
             BackupKind::Files => {
                 let files = job.files.clone().unwrap_or_default();
                 Box::new(move |out, cancel| source::files::write_archive(&files, out, cancel))
+            }
+            BackupKind::PgBasebackup => {
+                let pg = job.pg_basebackup.clone().unwrap_or_default();
+                let conn = source::postgres::Connection::new(&pg, scratch.path())?;
+                let label = crate::wal::restore::label_for(key);
+                Box::new(move |out, cancel| conn.basebackup(&label, out, cancel))
             }
         };
         let metadata: BTreeMap<String, String> = [

@@ -287,7 +287,7 @@ impl BackupService {
                     Some(scratch),
                 )
             }
-            Some(BackupKind::Files) => (
+            Some(BackupKind::Files | BackupKind::PgBasebackup) => (
                 Box::new(|input| {
                     source::files::check(input)
                         .map(|(entries, bytes)| format!("{entries} archive entries, {bytes} bytes of files"))
@@ -520,6 +520,11 @@ impl BackupService {
                     record.target.clone(),
                     format!("roles and tablespaces replayed: {}", fetched.value),
                 )
+            }
+            BackupKind::PgBasebackup => {
+                return Err(BackupError::Refused(
+                    "a base backup is restored with `platform-agent restore pg --pitr TIME --target-dir DIR`".into(),
+                ))
             }
             BackupKind::Postgres => {
                 let pg = job.postgres.clone().unwrap_or_default();

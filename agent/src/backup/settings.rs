@@ -104,6 +104,10 @@ pub enum BackupKind {
     Vault,
     K3s,
     Files,
+    /// A physical base backup (`pg_basebackup`) for point-in-time recovery
+    /// with the WAL archive; connection settings in `[backup.jobs.pg-basebackup]`.
+    #[serde(rename = "pg-basebackup")]
+    PgBasebackup,
 }
 
 impl BackupKind {
@@ -113,6 +117,7 @@ impl BackupKind {
             BackupKind::Vault => "vault",
             BackupKind::K3s => "k3s",
             BackupKind::Files => "files",
+            BackupKind::PgBasebackup => "pg-basebackup",
         }
     }
 
@@ -122,6 +127,7 @@ impl BackupKind {
             "vault" | "openbao" => Some(BackupKind::Vault),
             "k3s" => Some(BackupKind::K3s),
             "files" => Some(BackupKind::Files),
+            "pg-basebackup" | "basebackup" => Some(BackupKind::PgBasebackup),
             _ => None,
         }
     }
@@ -179,6 +185,10 @@ pub struct BackupJob {
     pub k3s: Option<K3sSource>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub files: Option<FilesSource>,
+    /// The server to take base backups of (host, port, user, bin_dir,
+    /// os_user, password_file; `databases` is not used).
+    #[serde(rename = "pg-basebackup", skip_serializing_if = "Option::is_none")]
+    pub pg_basebackup: Option<PostgresSource>,
 }
 
 impl Default for BackupJob {
@@ -206,6 +216,7 @@ impl Default for BackupJob {
             vault: None,
             k3s: None,
             files: None,
+            pg_basebackup: None,
         }
     }
 }
@@ -509,6 +520,7 @@ impl BackupSettings {
                 (BackupKind::Vault, job.vault.is_some()),
                 (BackupKind::K3s, job.k3s.is_some()),
                 (BackupKind::Files, job.files.is_some()),
+                (BackupKind::PgBasebackup, job.pg_basebackup.is_some()),
             ];
             for (kind, set) in present {
                 if set && kind != job.kind {
@@ -609,6 +621,22 @@ impl BackupSettings {
                             fail(
                                 key("k3s.token_file"),
                                 format!("{} must be an absolute path", k3s.token_file.display()),
+                            );
+                        }
+                    }
+                },
+                BackupKind::PgBasebackup => match &job.pg_basebackup {
+                    None => fail(key("pg-basebackup"), missing_table(job)),
+                    Some(pg) => {
+                        if !pg.password_file.as_os_str().is_empty() {
+                            if let Err(message) = check_secret(&pg.password_file) {
+                                fail(key("pg-basebackup.password_file"), message);
+                            }
+                        }
+                        if !pg.os_user.is_empty() && matches!(nix::unistd::User::from_name(&pg.os_user), Ok(None)) {
+                            fail(
+                                key("pg-basebackup.os_user"),
+                                format!("user {:?} does not exist", pg.os_user),
                             );
                         }
                     }

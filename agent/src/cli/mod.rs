@@ -83,6 +83,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// PostgreSQL's archive_command: `platform-agent wal-push %p %f`; exits 0 only once the file is durable.
+    WalPush {
+        /// %p: the file (relative to PGDATA, the working directory).
+        path: PathBuf,
+        /// %f: its name.
+        name: String,
+    },
+    /// PostgreSQL's restore_command: `platform-agent wal-fetch %f %p`; exits 1 when the file is not archived.
+    WalFetch {
+        /// %f: the file PostgreSQL wants.
+        name: String,
+        /// %p: where to put it.
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,12 +172,23 @@ struct RestoreArgs {
     /// PostgreSQL: do not restore ownership and privileges.
     #[arg(long)]
     no_owner: bool,
+    /// PostgreSQL point-in-time recovery to this RFC 3339 time, from a
+    /// pg-basebackup job's base backup and the WAL archive (no daemon needed).
+    #[arg(long, value_name = "TIME", requires = "target_dir")]
+    pitr: Option<String>,
+    /// With --pitr: the empty directory to restore the cluster into.
+    #[arg(long, value_name = "DIR")]
+    target_dir: Option<PathBuf>,
+    /// With --pitr: the base backup's catalog id (default: the newest that finished before TIME).
+    #[arg(long, value_name = "ID", requires = "pitr")]
+    from: Option<i64>,
     #[arg(long)]
     json: bool,
 }
 
 fn parse_kind(word: &str) -> Result<crate::backup::BackupKind, String> {
-    crate::backup::BackupKind::parse(word).ok_or_else(|| format!("{word:?}: expected pg, vault, k3s or files"))
+    crate::backup::BackupKind::parse(word)
+        .ok_or_else(|| format!("{word:?}: expected pg, vault, k3s, files or pg-basebackup"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,6 +214,12 @@ pub fn main() -> ExitCode {
     let sources = ConfigSources::from_args(&cli.global.config);
     match cli.command {
         Command::Run => supervisor::run(sources),
+        // The WAL commands run once per segment: their own short paths.
+        Command::WalPush { path, name } => {
+            crate::wal::client::push(&sources, cli.global.socket.as_deref(), &path, &name)
+        }
+        Command::WalFetch { name, path } => crate::wal::client::fetch(&sources, &name, &path),
+        Command::Restore(args) if args.pitr.is_some() => restore_pitr(&cli.global, &sources, &args),
         Command::Config(ConfigCommand::Check { files }) => {
             let sources = if files.is_empty() {
                 sources
@@ -204,6 +235,54 @@ pub fn main() -> ExitCode {
                 ExitCode::from(client_exit_code(&err))
             }
         },
+    }
+}
+
+/// `restore pg --pitr`: runs here, not in the daemon (see `wal::restore`).
+fn restore_pitr(global: &GlobalArgs, sources: &ConfigSources, args: &RestoreArgs) -> ExitCode {
+    if args.kind != crate::backup::BackupKind::Postgres {
+        eprintln!("platform-agent: --pitr restores PostgreSQL only (restore pg --pitr ...)");
+        return ExitCode::from(64);
+    }
+    let loaded = match config::load(sources) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("platform-agent: {errors}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("platform-agent: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (Some(target), Some(dir)) = (args.pitr.as_deref(), args.target_dir.as_deref()) else {
+        return ExitCode::from(64);
+    };
+    match runtime.block_on(crate::wal::restore::pitr(
+        &loaded.settings,
+        &global.config,
+        target,
+        dir,
+        args.from,
+    )) {
+        Ok(report) => {
+            println!(
+                "restored base backup {} (WAL from {}) into {}; recovery to {} is set up:\nstart PostgreSQL on {} and it replays the archived WAL, then promotes",
+                report.base_backup,
+                report.start_segment,
+                report.target_dir.display(),
+                report.target_time,
+                report.target_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("platform-agent: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -686,7 +765,10 @@ fn client_command(global: &GlobalArgs, sources: &ConfigSources, command: Command
             }
             other => Err(unexpected(other)),
         },
-        Command::Run | Command::Config(ConfigCommand::Check { .. }) => unreachable!("handled in main"),
+        Command::Run
+        | Command::Config(ConfigCommand::Check { .. })
+        | Command::WalPush { .. }
+        | Command::WalFetch { .. } => unreachable!("handled in main"),
     }
 }
 
@@ -801,6 +883,18 @@ fn render_status(status: &Status) -> String {
         }
         out.push_str(&line);
         out.push('\n');
+    }
+    if let Some(wal) = &status.wal_status {
+        out.push_str(&format!(
+            "    wal {} last {} archived {} conflicts {} failures {} queue {} gaps {}\n",
+            wal.mode,
+            wal.last_archived.as_deref().unwrap_or("none"),
+            wal.archived_total,
+            wal.conflicts_total,
+            wal.failures_total,
+            wal.queue_segments + wal.pending_segments,
+            wal.gaps.len()
+        ));
     }
     out.push_str(&format!(
         "  {:<13} generation {}, {} files\n",

@@ -246,6 +246,19 @@ fn join_key(prefix: &str, key: &str) -> String {
 
 /// Reads, checks and merges the configuration.
 pub fn load(sources: &ConfigSources) -> Result<LoadedConfig, ConfigErrors> {
+    let loaded = load_merged(sources)?;
+    validate::validate(&loaded)?;
+    Ok(loaded)
+}
+
+/// The merged settings, each file checked against the schema, without the
+/// checks that look at the machine (groups, secret files): for `wal-push`
+/// and `wal-fetch`, which PostgreSQL runs as its own user once per segment.
+pub fn load_unchecked(sources: &ConfigSources) -> Result<Settings, ConfigErrors> {
+    load_merged(sources).map(|loaded| loaded.settings)
+}
+
+fn load_merged(sources: &ConfigSources) -> Result<LoadedConfig, ConfigErrors> {
     let files = sources.files()?;
     let mut errors = Vec::new();
     let mut merged = toml::Table::new();
@@ -282,13 +295,11 @@ pub fn load(sources: &ConfigSources) -> Result<LoadedConfig, ConfigErrors> {
             }]))
         }
     };
-    let loaded = LoadedConfig {
+    Ok(LoadedConfig {
         settings,
         files,
         provenance,
-    };
-    validate::validate(&loaded)?;
-    Ok(loaded)
+    })
 }
 
 struct ParsedFile {

@@ -21,6 +21,7 @@ pub struct Settings {
     pub shutdown: crate::shutdown::ShutdownSettings,
     pub backup: crate::backup::BackupSettings,
     pub gitops: crate::gitops::GitopsSettings,
+    pub wal: crate::wal::WalSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

@@ -120,6 +120,10 @@ pub(super) fn validate(config: &LoadedConfig) -> Result<(), ConfigErrors> {
     for (key, message) in s.gitops.validate(&check_secret_file) {
         fail(&format!("gitops.{key}"), message);
     }
+    let recipients = crate::backup::settings::load_recipients(&s.backup).map_or(0, |r| r.len());
+    for (key, message) in s.wal.validate(recipients) {
+        fail(&format!("wal.{key}"), message);
+    }
 
     if errors.is_empty() {
         Ok(())

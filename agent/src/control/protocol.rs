@@ -65,6 +65,13 @@ pub enum Request {
         #[serde(default)]
         diff: bool,
     },
+    /// `wal-push %p %f`: archive one WAL file; answered once it is durable.
+    /// Open to the socket's group (PostgreSQL's user must be a member): the
+    /// daemon pushes only files the requesting user owns.
+    WalPush {
+        path: String,
+        name: String,
+    },
 }
 
 /// Who may make a request: members of the socket's group may read, only
@@ -86,7 +93,8 @@ impl Request {
             | Request::BackupList { .. }
             | Request::BackupShow { .. }
             | Request::BackupPrune { dry_run: true, .. }
-            | Request::Reconcile { diff: true } => Access::Read,
+            | Request::Reconcile { diff: true }
+            | Request::WalPush { .. } => Access::Read,
             Request::Reload
             | Request::BackupNow { .. }
             | Request::BackupPrune { dry_run: false, .. }
@@ -111,6 +119,7 @@ impl Request {
             Request::BackupVerify { .. } => "backup-verify",
             Request::Restore(_) => "restore",
             Request::Reconcile { .. } => "reconcile",
+            Request::WalPush { .. } => "wal-push",
         }
     }
 
@@ -164,6 +173,9 @@ pub enum Response {
     },
     Reconciled {
         report: crate::gitops::ReconcileReport,
+    },
+    WalPushed {
+        outcome: crate::wal::PushOutcome,
     },
     /// An interim frame of a long request; the answer follows.
     Progress {
@@ -267,6 +279,10 @@ mod tests {
                 no_owner: false,
             }),
             Request::Reconcile { diff: true },
+            Request::WalPush {
+                path: "/pgdata/pg_wal/000000010000000000000001".into(),
+                name: "000000010000000000000001".into(),
+            },
         ] {
             let frame = encode_frame(&request);
             let len = frame_len(frame[..4].try_into().unwrap(), 1024).unwrap();

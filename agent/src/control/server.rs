@@ -61,7 +61,10 @@ pub enum ControlError {
     #[error("request refused: {0}")]
     Frame(#[from] FrameError),
     #[error("permission denied: request `{request}` changes state and is for root only (peer uid {uid})")]
-    PermissionDenied { request: &'static str, uid: u32 },
+    PermissionDenied {
+        request: &'static str,
+        uid: u32,
+    },
     #[error("configuration refused, still running on the previous one: {0}")]
     ReloadRefused(String),
     #[error("{0}")]
@@ -70,6 +73,8 @@ pub enum ControlError {
     Backup(#[from] BackupError),
     #[error(transparent)]
     Gitops(#[from] crate::gitops::GitopsError),
+    #[error(transparent)]
+    Wal(#[from] crate::wal::WalError),
 }
 
 impl ControlError {
@@ -95,6 +100,24 @@ impl ControlError {
                 crate::gitops::GitopsError::Disabled | crate::gitops::GitopsError::NotRunning => ErrorCode::Unavailable,
                 crate::gitops::GitopsError::Failed(_) => ErrorCode::Failed,
             },
+            ControlError::Wal(err) => {
+                use crate::wal::WalError;
+                match err {
+                    WalError::BadName(_) => ErrorCode::BadRequest,
+                    WalError::NotOwner { .. } => ErrorCode::PermissionDenied,
+                    WalError::Read { .. } => ErrorCode::NotFound,
+                    WalError::SpoolFull { .. } | WalError::Timeout { .. } => ErrorCode::Busy,
+                    WalError::Disabled => ErrorCode::Unavailable,
+                    WalError::Conflict { .. }
+                    | WalError::Spool { .. }
+                    | WalError::Store(_)
+                    | WalError::Catalog(_)
+                    | WalError::Encode(_)
+                    | WalError::Corrupt { .. }
+                    | WalError::Setup(_)
+                    | WalError::Task(_) => ErrorCode::Failed,
+                }
+            }
         };
         Response::Error {
             code,
@@ -122,6 +145,8 @@ pub struct ControlContext {
     pub backup: Option<Arc<BackupService>>,
     /// Asks the GitOps subsystem for a pass.
     pub gitops: Option<crate::gitops::GitopsHandle>,
+    /// WAL archiving; None when disabled or it could not start.
+    pub wal: Option<Arc<crate::wal::WalService>>,
 }
 
 impl ControlContext {
@@ -142,7 +167,7 @@ impl ControlContext {
             .ok_or_else(|| ControlError::Unavailable("the backup subsystem is not running".into()))
     }
 
-    async fn dispatch(&self, request: Request, progress: Progress) -> Result<Response, ControlError> {
+    async fn dispatch(&self, request: Request, uid: u32, progress: Progress) -> Result<Response, ControlError> {
         match request {
             Request::Ping => Ok(Response::Pong),
             Request::Version => Ok(Response::Version {
@@ -201,6 +226,11 @@ impl ControlContext {
                 Ok(Response::Reconciled {
                     report: gitops.reconcile(diff).await?,
                 })
+            }
+            Request::WalPush { path, name } => {
+                let wal = self.wal.as_ref().ok_or(crate::wal::WalError::Disabled)?;
+                let outcome = wal.push_request(std::path::Path::new(&path), &name, uid).await?;
+                Ok(Response::WalPushed { outcome })
             }
         }
     }
@@ -404,7 +434,7 @@ async fn handle(context: &ControlContext, request: Request, uid: u32, pid: i32, 
         return err.to_response();
     }
     debug!(uid, pid, request = request.name(), "control request");
-    let response = match context.dispatch(request, progress).await {
+    let response = match context.dispatch(request, uid, progress).await {
         Ok(response) => response,
         Err(err) => err.to_response(),
     };

@@ -31,9 +31,13 @@
 //! | `platform_agent_backup_last_duration_seconds` | gauge | `kind` | *later*: duration of the last run, whatever its result |
 //! | `platform_agent_backup_last_bytes` | gauge | `kind` | *later*: bytes uploaded by the last successful run |
 //! | `platform_agent_backup_last_result` | gauge | `kind`, `result` | *later*: one series per `success`, `failure`, `running` |
-//! | `platform_agent_wal_archive_lag_seconds` | gauge | | *later* (WAL): age of the oldest segment not yet archived (0 when none) |
-//! | `platform_agent_wal_archive_lag_bytes` | gauge | | *later*: WAL bytes written but not archived |
-//! | `platform_agent_wal_queue_segments` | gauge | | *later*: segments waiting to be archived |
+//! | `platform_agent_wal_archive_lag_seconds` | gauge | | (WAL, with `wal.pg_wal_dir`): age of the oldest segment marked ready but not archived (0 when none) |
+//! | `platform_agent_wal_archive_lag_bytes` | gauge | | WAL bytes finished but not archived |
+//! | `platform_agent_wal_queue_segments` | gauge | | segments waiting to be archived (in flight, spooled, ready in pg_wal) |
+//! | `platform_agent_wal_spool_bytes` | gauge | | bytes in the spool (spool mode) |
+//! | `platform_agent_wal_gap_segments` | gauge | | segments missing from the archived chain |
+//! | `platform_agent_wal_last_archived_timestamp_seconds` | gauge | | Unix time of the last archived segment |
+//! | `platform_agent_wal_archived_total`, `_conflicts_total`, `_failures_total`, `_repushed_total` | counter | | uploads, refused re-archives with different content, failed pushes, watchdog re-pushes |
 //! | `platform_agent_gitops_revision_info` | gauge | `revision` | *later* (GitOps): 1 for the revision last applied |
 //! | `platform_agent_gitops_last_result` | gauge | `result` | *later*: one series per `success`, `failure` of the last reconcile |
 //! | `platform_agent_gitops_last_reconcile_timestamp_seconds` | gauge | | *later*: Unix time of the last reconcile |
@@ -143,6 +147,10 @@ pub fn encode(status: &Status, out: &mut Encoder) {
         status.metrics.scrapes as f64,
     );
 
+    if let Some(wal) = &status.wal_status {
+        encode_wal(wal, out);
+    }
+
     // The volume, K3s, backup, WAL, GitOps and shutdown subsystems add their
     // families here, from their status sections, under the names listed in
     // the module documentation.
@@ -203,6 +211,70 @@ fn encode_gitops(status: &Status, out: &mut Encoder) {
         MetricType::Gauge,
         gitops.files_refused as f64,
     );
+}
+
+/// The WAL archiver's families, present while archiving is on.
+fn encode_wal(wal: &crate::wal::WalStatus, out: &mut Encoder) {
+    let gauges: [(&str, &str, f64); 6] = [
+        (
+            "platform_agent_wal_archive_lag_seconds",
+            "Age of the oldest WAL segment PostgreSQL marked ready but not yet archived (0 when none).",
+            wal.lag_seconds as f64,
+        ),
+        (
+            "platform_agent_wal_archive_lag_bytes",
+            "WAL bytes PostgreSQL finished but not yet archived.",
+            wal.lag_bytes as f64,
+        ),
+        (
+            "platform_agent_wal_queue_segments",
+            "WAL segments waiting to be archived: pushes in flight, spooled, and ready in pg_wal.",
+            (wal.queue_segments + wal.pending_segments) as f64,
+        ),
+        (
+            "platform_agent_wal_spool_bytes",
+            "Bytes in the WAL spool (spool mode).",
+            wal.spool_bytes as f64,
+        ),
+        (
+            "platform_agent_wal_gap_segments",
+            "Segments missing from the archived WAL chain at the last watchdog run.",
+            wal.gaps.len() as f64,
+        ),
+        (
+            "platform_agent_wal_last_archived_timestamp_seconds",
+            "Unix time the last WAL segment was archived (0 before the first).",
+            wal.last_archived_at.unwrap_or(0) as f64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        out.single(name, help, MetricType::Gauge, value);
+    }
+    let counters: [(&str, &str, u64); 4] = [
+        (
+            "platform_agent_wal_archived_total",
+            "WAL files uploaded since the agent started.",
+            wal.archived_total,
+        ),
+        (
+            "platform_agent_wal_conflicts_total",
+            "Pushes refused because different content is archived under the same name.",
+            wal.conflicts_total,
+        ),
+        (
+            "platform_agent_wal_failures_total",
+            "Pushes that failed (PostgreSQL keeps the WAL and retries).",
+            wal.failures_total,
+        ),
+        (
+            "platform_agent_wal_repushed_total",
+            "Missing segments the watchdog pushed again from pg_wal.",
+            wal.repushed_total,
+        ),
+    ];
+    for (name, help, value) in counters {
+        out.single(name, help, MetricType::Counter, value as f64);
+    }
 }
 
 fn bool_value(condition: bool) -> f64 {

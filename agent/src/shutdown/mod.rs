@@ -128,7 +128,10 @@ pub fn plan(settings: &Settings) -> Vec<PlannedStep> {
         step(
             Step::FlushWal,
             s.wal_flush_timeout,
-            Some("no WAL archiver in this build"),
+            // Nothing to flush: a push not yet answered is retried by
+            // PostgreSQL (it keeps the segment), and spooled segments are
+            // on disk and shipped at the next start.
+            Some("nothing to flush: unanswered WAL pushes are retried by PostgreSQL, the spool persists"),
         ),
         step(Step::StopK3s, settings.k3s.stop_timeout, no_k3s),
         step(

@@ -82,6 +82,18 @@ const MIGRATIONS: &[&str] = &[
         revision TEXT NOT NULL,
         applied_at INTEGER NOT NULL
     );",
+    // 5: the WAL archive's chain: one row per archived WAL file (segment,
+    // history, backup label) with the SHA-256 of its raw content, which
+    // decides whether a re-archive is identical.
+    "CREATE TABLE wal_segments (
+        name TEXT PRIMARY KEY,
+        timeline INTEGER NOT NULL,
+        raw_sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        archived_ms INTEGER NOT NULL,
+        key TEXT NOT NULL
+    );
+    CREATE INDEX wal_segments_chain ON wal_segments (timeline, name);",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -62,9 +62,17 @@ pub struct PostgresBuilder {
     tmp: TempDir,
     archive_command: Option<String>,
     extra: Vec<(String, String)>,
+    wal_segsize_mb: Option<u32>,
 }
 
 impl PostgresBuilder {
+    /// initdb `--wal-segsize` in MiB (a power of two, 1..1024): small
+    /// segments make more of them per minute of load.
+    pub fn wal_segsize_mb(mut self, mb: u32) -> Self {
+        self.wal_segsize_mb = Some(mb);
+        self
+    }
+
     /// Turns on `archive_mode` with this `archive_command` (`%p` and `%f` as
     /// PostgreSQL expands them). The command runs as the server's OS user.
     pub fn archive_command(mut self, command: impl Into<String>) -> Self {
@@ -117,7 +125,11 @@ impl PostgresBuilder {
             as_root,
             running: false,
         };
-        pg.server_cmd("initdb")
+        let mut initdb = pg.server_cmd("initdb");
+        if let Some(mb) = self.wal_segsize_mb {
+            initdb.arg(format!("--wal-segsize={mb}"));
+        }
+        initdb
             .arg("-D")
             .arg(&pg.data_dir)
             .args([
@@ -196,6 +208,7 @@ impl Postgres {
             tmp,
             archive_command: None,
             extra: Vec::new(),
+            wal_segsize_mb: None,
         }
     }
 

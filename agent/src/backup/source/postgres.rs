@@ -214,6 +214,18 @@ impl Connection {
         stream_command(cmd, out, cancel)
     }
 
+    /// A base backup of the whole cluster as one tar stream (`-D - -Ft`,
+    /// so one tablespace only), without WAL: the WAL archive supplies it.
+    /// `label` becomes the backup label, which PostgreSQL also writes into
+    /// the `.backup` history file it archives: that is how a restore finds
+    /// the backup's start segment and stop time.
+    pub fn basebackup(&self, label: &str, out: &mut dyn Write, cancel: &CancellationToken) -> Result<(), SourceError> {
+        let mut cmd = self.command("pg_basebackup");
+        cmd.args(["-D", "-", "-Ft", "-X", "none", "--checkpoint=fast", "--no-password"])
+            .arg(format!("--label={label}"));
+        stream_command(cmd, out, cancel)
+    }
+
     pub fn database_exists(&self, database: &str) -> Result<bool, SourceError> {
         let out = self.psql(
             "postgres",
