@@ -36,50 +36,16 @@ fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// The binary under test, copied once per test process. The target
-/// directory is shared with other worktrees of this repository, whose builds
-/// replace `target/debug/platform-agent` at any time: the copy keeps a long
-/// test on one binary, and when the uplifted file is not this branch's (it
-/// has no `wal-push`) the newest per-build binary in `deps/` that has it is
-/// taken instead.
+/// The binary under test, copied once per test process into a directory
+/// every user may enter: PostgreSQL runs it as `postgres`, which need not be
+/// able to reach the build's target directory.
 fn bin() -> &'static str {
     static BIN_COPY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BIN_COPY.get_or_init(|| {
-        let has_wal = |path: &Path| {
-            Command::new(path)
-                .args(["wal-push", "--help"])
-                .output()
-                // Unit test binaries share the name pattern; libtest's own
-                // --help does not talk about archive_command.
-                .is_ok_and(|out| {
-                    out.status.success() && String::from_utf8_lossy(&out.stdout).contains("archive_command")
-                })
-        };
-        let mut candidates = vec![PathBuf::from(BIN)];
-        let deps = Path::new(BIN).parent().unwrap().join("deps");
-        let mut built: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&deps)
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.starts_with("platform_agent-") || name.starts_with("platform-agent-")
-            })
-            .filter(|e| {
-                e.metadata()
-                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            })
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-            .collect();
-        built.sort();
-        candidates.extend(built.into_iter().rev().map(|(_, path)| path));
-        let source = candidates
-            .into_iter()
-            .find(|path| has_wal(path))
-            .unwrap_or_else(|| panic!("no platform-agent binary with wal-push under {}", deps.display()));
         let dir = tempfile::tempdir().unwrap().keep();
         chmod(&dir, 0o755);
         let copy = dir.join("platform-agent");
-        std::fs::copy(&source, &copy).unwrap();
+        std::fs::copy(BIN, &copy).unwrap();
         chmod(&copy, 0o755);
         copy.display().to_string()
     })

@@ -61,10 +61,7 @@ pub enum ControlError {
     #[error("request refused: {0}")]
     Frame(#[from] FrameError),
     #[error("permission denied: request `{request}` changes state and is for root only (peer uid {uid})")]
-    PermissionDenied {
-        request: &'static str,
-        uid: u32,
-    },
+    PermissionDenied { request: &'static str, uid: u32 },
     #[error("configuration refused, still running on the previous one: {0}")]
     ReloadRefused(String),
     #[error("{0}")]
