@@ -81,8 +81,11 @@ macro_rules! on_both_servers {
                 super::$body(super::S3Server::start()).await
             })*
         }
+        // The realistic tier: Garage takes 10-15 minutes to build, so
+        // tests/run-all.sh builds it and runs these last, with --ignored.
         mod garage {
             $(#[tokio::test]
+            #[ignore = "realistic tier (Garage): tests/run-all.sh runs it after tests/fixtures/install-garage.sh"]
             async fn $body() {
                 super::$body(super::Garage::start()).await
             })*

@@ -34,7 +34,7 @@ impl Garage {
     /// key; ready for [`Garage::create_bucket`] when it returns.
     pub fn start() -> Garage {
         let bin = fixture_binary(fixture_paths().garage_bin.as_ref().unwrap_or_else(|| {
-            panic!("GARAGE_BIN is not in the fixtures' env file; run `sudo bash tests/fixtures/install.sh`")
+            panic!("GARAGE_BIN is not in the fixtures' env file; run `sudo bash tests/fixtures/install-garage.sh`")
         }));
         let tmp = tempfile::Builder::new()
             .prefix("pa-testsupport-garage-")
