@@ -23,6 +23,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub use settings::*;
+pub(crate) use settings::word_enum;
 
 /// Where the vendor, administrator and runtime drop-ins live, lowest first.
 pub const STANDARD_DIRS: [&str; 3] = [

@@ -80,23 +80,21 @@ macro_rules! word_enum {
                 }
             }
         }
+
+        impl $ty {
+            /// The word the configuration uses.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $word,)+
+                }
+            }
+        }
     };
 }
+pub(crate) use word_enum;
 
 word_enum!(LogLevel, "log level", { "trace" => Trace, "debug" => Debug, "info" => Info, "warn" => Warn, "error" => Error });
 word_enum!(ObjectStoreBackend, "object store backend", { "local" => Local, "s3" => S3 });
-
-impl LogLevel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogLevel::Trace => "trace",
-            LogLevel::Debug => "debug",
-            LogLevel::Info => "info",
-            LogLevel::Warn => "warn",
-            LogLevel::Error => "error",
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]

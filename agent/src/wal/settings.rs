@@ -130,34 +130,9 @@ pub enum WhenDaemonDown {
     Fail,
 }
 
-macro_rules! words {
-    ($ty:ident, $what:literal, { $($word:literal => $variant:ident),+ $(,)? }) => {
-        impl TryFrom<String> for $ty {
-            type Error = String;
-            fn try_from(word: String) -> Result<Self, String> {
-                match word.as_str() {
-                    $($word => Ok($ty::$variant),)+
-                    _ => Err(format!(
-                        concat!("unknown ", $what, " {:?}, expected one of: {}"),
-                        word,
-                        [$($word),+].join(", ")
-                    )),
-                }
-            }
-        }
-        impl $ty {
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($ty::$variant => $word,)+
-                }
-            }
-        }
-    };
-}
-
-words!(WalCompression, "WAL compression", { "zstd" => Zstd, "none" => None });
-words!(WalMode, "WAL mode", { "sync" => Sync, "spool" => Spool });
-words!(WhenDaemonDown, "when_daemon_down", { "direct" => Direct, "fail" => Fail });
+crate::config::word_enum!(WalCompression, "WAL compression", { "zstd" => Zstd, "none" => None });
+crate::config::word_enum!(WalMode, "WAL mode", { "sync" => Sync, "spool" => Spool });
+crate::config::word_enum!(WhenDaemonDown, "when_daemon_down", { "direct" => Direct, "fail" => Fail });
 
 impl WalCompression {
     pub fn extension(self) -> &'static str {
