@@ -183,10 +183,6 @@ class StatusWatcher:
                 self.cond.wait(min(left, 0.5))
             return self.seen[name]
 
-    def forget(self):
-        with self.cond:
-            self.seen.clear()
-
     def close(self):
         self.stopping = True
         self.thread.join()
@@ -696,7 +692,7 @@ def timed_runs(cmd, n, cwd):
     return statistics.median(times)
 
 
-def breakdown(peer, agent, pg, segsize_mb, n=20):
+def breakdown(peer, agent, pg, n=20):
     """Per-call costs outside PostgreSQL's archiver: exec alone, ours' socket
     round trip, and ours' wal-push of a copy of a real segment under a name
     on an unused timeline (so it is a fresh upload). Lines to print."""
@@ -840,7 +836,7 @@ def main():
         if "ours" in clusters:
             log("\nper-call breakdown, outside PostgreSQL's archiver:")
             try:
-                for line in breakdown(tools[0], tools[1], clusters["ours"][0], args.segsize):
+                for line in breakdown(tools[0], tools[1], clusters["ours"][0]):
                     log(line)
             except BenchError as err:
                 log(f"  (breakdown not measured: {err})")
@@ -855,11 +851,11 @@ def main():
             r_tp = rates["ours"] / rates["pgbackrest"]
             log(f"  platform-agent wal-push: latency median {med:.1f} ms, p99 {p99:.1f} ms; "
                 f"{rates['ours']:.1f} segments/min")
-            log(f"  latency ours/pgBackRest: median {r_med:.2f}, p99 {r_p99:.2f}   target <= "
+            log(f"  latency ours/pgBackRest: median {r_med:.3f}, p99 {r_p99:.3f}   target <= "
                 f"{TARGET_LATENCY_RATIO}: median {verdict(r_med <= TARGET_LATENCY_RATIO)}, "
                 f"p99 {verdict(r_p99 <= TARGET_LATENCY_RATIO)}")
             log(f"  (the archive_command part alone, .ready -> .done median: ours/pgBackRest {arch / peer_arch:.2f})")
-            log(f"  throughput ours/pgBackRest: {r_tp:.2f}   target >= {TARGET_THROUGHPUT_RATIO}: "
+            log(f"  throughput ours/pgBackRest: {r_tp:.3f}   target >= {TARGET_THROUGHPUT_RATIO}: "
                 f"{verdict(r_tp >= TARGET_THROUGHPUT_RATIO)}")
         else:
             log("  platform-agent: not measured (no binary with wal-push); targets not evaluated")
