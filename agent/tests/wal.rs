@@ -219,7 +219,9 @@ fn postgres_dir() -> tempfile::TempDir {
 
 #[test]
 fn rearchive_of_identical_content_succeeds_and_of_different_content_fails() {
-    let rig = Rig::start("");
+    // No watchdog: the WAL service has no task of its own then, and must
+    // still keep serving pushes (it once ended, and took the agent down).
+    let rig = Rig::start("watchdog_interval = \"0s\"\n");
     let dir = postgres_dir();
     let name = "000000010000000000000007";
     let first = fake_segment(dir.path(), name, "one");

@@ -22,8 +22,8 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-pub use settings::*;
 pub(crate) use settings::word_enum;
+pub use settings::*;
 
 /// Where the vendor, administrator and runtime drop-ins live, lowest first.
 pub const STANDARD_DIRS: [&str; 3] = [

@@ -341,6 +341,10 @@ impl WalService {
             tasks.spawn(async move { me.stream(cancel).await });
         }
         while tasks.join_next().await.is_some() {}
+        // Pushes are served through the control socket, not by these tasks:
+        // with none of them configured (sync mode, watchdog_interval = "0s")
+        // the service still lives until the agent stops.
+        cancel.cancelled().await;
         Ok(())
     }
 }
