@@ -581,3 +581,68 @@ fn k3s_datastore_backup_verify_and_restore() {
     };
     assert_eq!(checksum(&copy), checksum(&conn));
 }
+
+/// K3s with embedded etcd: the job runs `k3s etcd-snapshot save --name N
+/// --dir D`. K3s itself cannot run here; the stand-in does what matters of
+/// the real command: it writes `D/N-<node>-<unix time>` (K3s appends the node
+/// name and the time), or, as a broken K3s would, nothing.
+#[test]
+fn k3s_etcd_snapshot_backup_verify_and_restore() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "K10etcd::server:xyz\n").unwrap();
+    let snapshot: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(dir.path().join("snapshot.bin"), &snapshot).unwrap();
+    let standin = dir.path().join("k3s");
+    std::fs::write(
+        &standin,
+        format!(
+            "#!/bin/sh\n# k3s etcd-snapshot save --name N --dir D\n\
+             [ \"$1 $2 $3\" = \"etcd-snapshot save --name\" ] && [ \"$5\" = --dir ] || exit 2\n\
+             [ -e \"{broken}\" ] && {{ echo 'etcd: context deadline exceeded' >&2; exit 1; }}\n\
+             cp \"{snap}\" \"$6/$4-node1-$(date +%s)\"\n",
+            broken = dir.path().join("broken").display(),
+            snap = dir.path().join("snapshot.bin").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&standin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = format!(
+        "[backup]\nscratch_dir = \"{}\"\n{}[[backup.jobs]]\nname = \"etcd\"\nkind = \"k3s\"\nretries = 0\n\
+         [backup.jobs.k3s]\ndatastore = \"etcd\"\nk3s_command = \"{}\"\ntoken_file = \"{}\"\n",
+        dir.path().join("scratch").display(),
+        age_config(dir.path()),
+        standin.display(),
+        token.display()
+    );
+    let daemon = Daemon::start(&config);
+    let runs = cli_json(&daemon, &["backup", "now", "etcd"]);
+    assert_eq!(runs[0]["state"], "verified", "{:#}", runs[0]);
+    assert_eq!(runs[0]["target"], "etcd");
+
+    let report = cli_json(&daemon, &["backup", "verify", "--job", "etcd"]);
+    let test = report["test_restore"].as_str().unwrap();
+    assert_eq!(
+        test,
+        format!("etcd snapshot of {} bytes; server token present", snapshot.len())
+    );
+
+    let target = dir.path().join("restored-snapshots");
+    let restored = cli_json(&daemon, &["restore", "k3s", "--target", target.to_str().unwrap()]);
+    let summary = restored["summary"].as_str().unwrap();
+    assert!(summary.contains("--cluster-reset-restore-path="), "{summary}");
+    let files: Vec<PathBuf> = std::fs::read_dir(&target).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(
+        std::fs::read(&files[0]).unwrap(),
+        snapshot,
+        "the snapshot, byte for byte"
+    );
+
+    // A failing `k3s etcd-snapshot save` fails the run with its message.
+    std::fs::write(dir.path().join("broken"), "").unwrap();
+    let out = daemon.cli(&["backup", "now", "etcd"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("context deadline exceeded"), "{}", stderr(&out));
+}
