@@ -327,6 +327,11 @@ impl StatusHandle {
         self.tx.borrow().clone()
     }
 
+    /// The agent's state alone, without copying the whole status.
+    pub fn agent_state(&self) -> AgentState {
+        self.tx.borrow().agent.state
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<Status> {
         self.tx.subscribe()
     }

@@ -240,6 +240,11 @@ impl Daemon {
         let cancel = CancellationToken::new();
         let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
         let mut subsystems: JoinSet<SubsystemResult> = JoinSet::new();
+        // The control socket and the WAL archiver outlive stop-jobs: wal-push
+        // must be answered while PostgreSQL stops with K3s; they stop after
+        // the plan's flush-wal.
+        let late_cancel = CancellationToken::new();
+        let mut late_subsystems: JoinSet<SubsystemResult> = JoinSet::new();
         let context = Arc::new(ControlContext {
             status: status.clone(),
             config: config_rx,
@@ -250,8 +255,8 @@ impl Daemon {
             wal: wal.clone(),
         });
         {
-            let cancel = cancel.clone();
-            subsystems.spawn(async move {
+            let cancel = late_cancel.clone();
+            late_subsystems.spawn(async move {
                 server.serve(context, cancel).await;
                 ("control", Ok(()))
             });
@@ -284,9 +289,9 @@ impl Daemon {
             let cancel = cancel.clone();
             subsystems.spawn(async move { ("gitops", gitops.run(cancel).await) });
         }
-        if let Some(wal) = wal {
-            let cancel = cancel.clone();
-            subsystems.spawn(async move { ("wal", wal.run(cancel).await) });
+        if let Some(wal) = wal.clone() {
+            let cancel = late_cancel.clone();
+            late_subsystems.spawn(async move { ("wal", wal.run(cancel).await) });
         }
         subsystems.spawn(publish_status(status.clone(), cancel.clone()));
         if let Some(interval) = notify::watchdog_interval() {
@@ -322,13 +327,12 @@ impl Daemon {
                     let _ = request.reply.send(daemon.reload());
                 }
                 Some(joined) = subsystems.join_next() => {
-                    let (name, result) = match joined {
-                        Ok(done) => done,
-                        Err(err) => ("unknown", Err(format!("task panicked or was cancelled: {err}"))),
-                    };
-                    let detail = match &result { Ok(()) => "ended".to_string(), Err(e) => format!("failed: {e}") };
-                    error!(message_id = ids::SUBSYSTEM_EXITED, subsystem = name, "subsystem {name} {detail}; shutting down");
-                    break (format!("subsystem {name} {detail}"), result.is_err(), false);
+                    let (reason, failed) = subsystem_exited(joined);
+                    break (reason, failed, false);
+                }
+                Some(joined) = late_subsystems.join_next() => {
+                    let (reason, failed) = subsystem_exited(joined);
+                    break (reason, failed, false);
                 }
             }
         };
@@ -367,23 +371,45 @@ impl Daemon {
             };
             shutdown::log_step(&report, planned[0].deadline_ms);
             reports.push(report);
-            let report = StepReport {
-                step: Step::FlushWal,
-                outcome: Outcome::Skipped {
-                    reason: planned[1].skip.clone().unwrap_or_default(),
-                },
-                duration_ms: 0,
-            };
-            shutdown::log_step(&report, planned[1].deadline_ms);
-            reports.push(report);
             let context = PlanContext {
                 k3s: node.k3s.as_ref(),
                 volume: node.volume.as_ref(),
                 status: &status,
             };
-            reports.extend(shutdown::execute(&planned, &context).await);
+            let flush_at = planned
+                .iter()
+                .position(|p| p.step == Step::FlushWal)
+                .unwrap_or(planned.len());
+            reports.extend(shutdown::execute(&planned[..flush_at], &context).await);
+            if let Some(flush) = planned.get(flush_at) {
+                let flushing = std::time::Instant::now();
+                let outcome = match (&flush.skip, &wal) {
+                    (Some(reason), _) => Outcome::Skipped { reason: reason.clone() },
+                    (None, None) => Outcome::Skipped {
+                        reason: "the WAL archiver did not start".into(),
+                    },
+                    (None, Some(wal)) => {
+                        match tokio::time::timeout(Duration::from_millis(flush.deadline_ms), wal.flush()).await {
+                            Ok(()) => Outcome::Done,
+                            Err(_) => Outcome::TimedOut,
+                        }
+                    }
+                };
+                stop_late(late_cancel, &mut late_subsystems).await;
+                let report = StepReport {
+                    step: Step::FlushWal,
+                    outcome,
+                    duration_ms: flushing.elapsed().as_millis() as u64,
+                };
+                shutdown::log_step(&report, flush.deadline_ms);
+                reports.push(report);
+                reports.extend(shutdown::execute(&planned[flush_at + 1..], &context).await);
+            } else {
+                stop_late(late_cancel, &mut late_subsystems).await;
+            }
         } else {
             info!("shutdown.on_agent_stop = leave-running: K3s and /data are left as they are");
+            stop_late(late_cancel, &mut late_subsystems).await;
         }
         if run_plan {
             // The delay lock goes last, after the plan's outcome is in the
@@ -622,5 +648,34 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
         })
+    }
+}
+
+/// Why the agent stops when a subsystem ended on its own.
+fn subsystem_exited(joined: Result<SubsystemResult, tokio::task::JoinError>) -> (String, bool) {
+    let (name, result) = match joined {
+        Ok(done) => done,
+        Err(err) => ("unknown", Err(format!("task panicked or was cancelled: {err}"))),
+    };
+    let detail = match &result {
+        Ok(()) => "ended".to_string(),
+        Err(e) => format!("failed: {e}"),
+    };
+    error!(
+        message_id = ids::SUBSYSTEM_EXITED,
+        subsystem = name,
+        "subsystem {name} {detail}; shutting down"
+    );
+    (format!("subsystem {name} {detail}"), result.is_err())
+}
+
+/// Stops the control socket and the WAL archiver; a few seconds, then they
+/// are aborted.
+async fn stop_late(cancel: CancellationToken, late: &mut JoinSet<SubsystemResult>) {
+    cancel.cancel();
+    let drained = async { while late.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drained).await.is_err() {
+        warn!("the control socket or the WAL archiver did not stop in time; aborting them");
+        late.shutdown().await;
     }
 }

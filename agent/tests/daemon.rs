@@ -285,9 +285,9 @@ fn sigterm_runs_the_shutdown_plan_in_order() {
         order,
         [
             "stop-jobs",
-            "flush-wal",
             "stop-k3s",
             "clean-leftovers",
+            "flush-wal",
             "sync",
             "unmount-data",
             "release-inhibitor"

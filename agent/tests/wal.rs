@@ -887,3 +887,36 @@ fn wal_fetch_prefetches_the_following_segments() {
         "a used prefetched file stays behind"
     );
 }
+
+/// The WAL archiver outlives the plan's stop-jobs (PostgreSQL stops with
+/// K3s, after it) and flush-wal waits for the spool: a segment spooled while
+/// S3 was away is in S3 when the agent has stopped, not left for its next
+/// start.
+#[test]
+fn flush_wal_ships_the_spool_before_the_agent_stops() {
+    let mut rig = Rig::start("mode = \"spool\"\n");
+    rig.s3.stop();
+    let dir = postgres_dir();
+    let name = "000000010000000000000031";
+    let file = fake_segment(dir.path(), name, "flushed at stop");
+    let out = rig.push_as_postgres(&file, name);
+    assert!(out.status.success(), "spooled: {}", text(&out));
+    assert_eq!(rig.archived_sha256(name), None, "S3 is down: only in the spool");
+    rig.s3.start_again();
+    // Stop at once: the shipper is in its back-off, so only flush-wal's wait
+    // gets the segment out before the agent is gone.
+    let mut daemon = rig.daemon.take().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(daemon.wait().unwrap().success());
+    assert_eq!(
+        rig.archived_sha256(name).as_deref(),
+        Some(sha256(&std::fs::read(&file).unwrap()).as_str()),
+        "shipped before the agent stopped"
+    );
+    let log = std::fs::read_to_string(rig.dir.path().join("daemon.log")).unwrap();
+    assert!(log.contains("shutdown step flush-wal: done"), "{log}");
+}

@@ -429,7 +429,7 @@ holds_for() {
     ID_LEFTOVER_SIGNALLED=fddf48230739492fbdccd326ceb2d09b
     ID_PLAN_FINISHED=dd31fe7fea494a269392f9f3acf801f5
     # The shutdown plan's steps, in the order they must run.
-    PLAN_STEPS="stop-jobs flush-wal stop-k3s clean-leftovers sync unmount-data release-inhibitor"
+    PLAN_STEPS="stop-jobs stop-k3s clean-leftovers flush-wal sync unmount-data release-inhibitor"
     # Where the stand-in's container keeps a file open, below
     # default-local-storage-path (guest_write_node_config sets it).
     STANDIN_HELD_FILE=/data/k3s-storage/pvc-standin/held.dat

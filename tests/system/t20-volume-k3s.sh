@@ -115,7 +115,7 @@ check_within "$journal_wait" "journal: plan finished ($ID_PLAN_FINISHED)" \
 steps="$(plan_steps "$cursor")"
 echo "    plan steps from the journal: $steps"
 check_eq "journal: the plan's steps in order (STEP:OUTCOME)" \
-    "stop-jobs:done flush-wal:skipped stop-k3s:done clean-leftovers:done sync:done unmount-data:done release-inhibitor:done" \
+    "stop-jobs:done stop-k3s:done clean-leftovers:done flush-wal:skipped sync:done unmount-data:done release-inhibitor:done" \
     "$steps"
 check_eq "journal: plan started, then its steps, then plan finished" \
     "started $(sed 's/[^ ]*/step/g' <<<"$PLAN_STEPS") finished" "$(plan_sequence "$cursor")"

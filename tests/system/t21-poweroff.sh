@@ -59,7 +59,7 @@ check "journal has entries" test "$(host_jq length 2>&1)" -gt 0
 steps="$(host_jq "[.[] | select(.MESSAGE_ID == \"$ID_PLAN_STEP\") | \"\(.STEP):\(.OUTCOME)\"] | join(\" \")" 2>&1)"
 echo "    plan steps from the journal: $steps"
 check_eq "journal: the plan's steps in order (STEP:OUTCOME)" \
-    "stop-jobs:done flush-wal:skipped stop-k3s:done clean-leftovers:done sync:done unmount-data:done release-inhibitor:done" \
+    "stop-jobs:done stop-k3s:done clean-leftovers:done flush-wal:skipped sync:done unmount-data:done release-inhibitor:done" \
     "$steps"
 check_match "journal: the shutdown was started by logind's PrepareForShutdown (REASON)" 'PrepareForShutdown' \
     "$(host_jq "[.[] | select(.MESSAGE_ID == \"$ID_SHUTDOWN_STARTED\") | .REASON] | join(\"; \")" 2>&1)"
@@ -94,7 +94,7 @@ echo "== the serial console (journald's copy, until the kernel powers off)"
 console_steps="$(grep -o 'platform-agent\[[0-9]*\]: shutdown step [a-z0-9-]*: [a-z-]*' "$CONSOLE_LOG" |
     sed 's/.*shutdown step \([a-z0-9-]*\): \([a-z-]*\)/\1:\2/' | tr '\n' ' ' | sed 's/ $//')"
 check_eq "console: the plan's steps in order" \
-    "stop-jobs:done flush-wal:skipped stop-k3s:done clean-leftovers:done sync:done unmount-data:done release-inhibitor:done" \
+    "stop-jobs:done stop-k3s:done clean-leftovers:done flush-wal:skipped sync:done unmount-data:done release-inhibitor:done" \
     "$console_steps"
 line_of() { grep -n -m1 -- "$1" "$CONSOLE_LOG" | cut -d: -f1; }
 unmounted_line="$(line_of 'shutdown step unmount-data: done')"

@@ -49,7 +49,7 @@ check_within "$journal_wait" "journal: plan finished ($ID_PLAN_FINISHED)" \
 steps="$(plan_steps "$cursor")"
 echo "    plan steps from the journal: $steps"
 check_eq "journal: the plan's steps in order, unmount-data failed" \
-    "stop-jobs:done flush-wal:skipped stop-k3s:done clean-leftovers:done sync:done unmount-data:failed release-inhibitor:done" \
+    "stop-jobs:done stop-k3s:done clean-leftovers:done flush-wal:skipped sync:done unmount-data:failed release-inhibitor:done" \
     "$steps"
 check_eq "journal: PLAN_FINISHED says 1 step failed" 1 \
     "$(journal_query "$cursor" "[.[] | select(.MESSAGE_ID == \"$ID_PLAN_FINISHED\") | .FAILED_STEPS] | join(\",\")" 2>&1)"
@@ -89,7 +89,7 @@ check "systemctl stop platform-agent" in_guest systemctl stop platform-agent
 check_within "$journal_wait" "journal: plan finished ($ID_PLAN_FINISHED)" \
     journal_has platform-agent.service "$cursor" ".MESSAGE_ID == \"$ID_PLAN_FINISHED\""
 check_eq "journal: the plan's steps in order, all done" \
-    "stop-jobs:done flush-wal:skipped stop-k3s:done clean-leftovers:done sync:done unmount-data:done release-inhibitor:done" \
+    "stop-jobs:done stop-k3s:done clean-leftovers:done flush-wal:skipped sync:done unmount-data:done release-inhibitor:done" \
     "$(plan_steps "$cursor")"
 check_fails "/data is not mounted" data_source_uuid
 check "e2fsck -fn (in the guest) finds it clean" in_guest e2fsck -fn "/dev/disk/by-uuid/$uuid"

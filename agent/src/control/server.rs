@@ -150,6 +150,11 @@ impl ControlContext {
     fn authorize(&self, request: &Request, uid: u32) -> Result<(), ControlError> {
         match request.access() {
             Access::Read => Ok(()),
+            // The socket stays open through the shutdown plan for wal-push
+            // and status; nothing may start new work on a node going down.
+            Access::Change if self.status.agent_state() == crate::status::AgentState::Stopping => {
+                Err(ControlError::Unavailable("the agent is shutting down".into()))
+            }
             Access::Change if uid == 0 || uid == self.daemon_uid => Ok(()),
             Access::Change => Err(ControlError::PermissionDenied {
                 request: request.name(),

@@ -123,22 +123,24 @@ pub fn plan(settings: &Settings) -> Vec<PlannedStep> {
         skip: skip.map(str::to_string),
     };
     let no_k3s = (!k3s).then_some("k3s is not enabled");
+    // PostgreSQL runs in K3s and only stops with it (or, as real K3s leaves
+    // pods running, when its leftovers are signalled): its last
+    // archive_command calls come during stop-k3s and clean-leftovers, so the
+    // WAL archiver (and the control socket that wal-push talks to) keeps
+    // serving until flush-wal, which comes after them.
     vec![
         step(Step::StopJobs, settings.agent.shutdown_timeout, None),
-        step(
-            Step::FlushWal,
-            s.wal_flush_timeout,
-            // Nothing to flush: a push not yet answered is retried by
-            // PostgreSQL (it keeps the segment), and spooled segments are
-            // on disk and shipped at the next start.
-            Some("nothing to flush: unanswered WAL pushes are retried by PostgreSQL, the spool persists"),
-        ),
         step(Step::StopK3s, settings.k3s.stop_timeout, no_k3s),
         step(
             Step::CleanLeftovers,
             s.leftovers_timeout
                 .max(settings.k3s.leftover_grace + Duration::from_secs(5)),
             no_k3s,
+        ),
+        step(
+            Step::FlushWal,
+            s.wal_flush_timeout,
+            (!settings.wal.enabled).then_some("WAL archiving is not enabled"),
         ),
         step(Step::Sync, s.sync_timeout, None),
         step(
@@ -194,8 +196,9 @@ pub fn log_step(report: &StepReport, deadline_ms: u64) {
     }
 }
 
-/// Runs the steps from stop-k3s to unmount-data (the supervisor does
-/// stop-jobs, the WAL archiver flush-wal, and it releases the inhibitor).
+/// Runs the node's steps of `planned` (stop-k3s, clean-leftovers, sync,
+/// unmount-data); the supervisor does stop-jobs, flush-wal and the release
+/// of the inhibitor, and calls this for the stretches between them.
 pub async fn execute(planned: &[PlannedStep], context: &PlanContext<'_>) -> Vec<StepReport> {
     let mut reports = Vec::new();
     let mut k3s_cgroup = String::new();

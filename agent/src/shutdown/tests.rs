@@ -8,16 +8,17 @@ fn plan_lists_every_step_in_order_with_skips() {
         steps,
         [
             "stop-jobs",
-            "flush-wal",
             "stop-k3s",
             "clean-leftovers",
+            "flush-wal",
             "sync",
             "unmount-data",
             "release-inhibitor"
         ]
     );
     let planned = plan(&settings);
-    assert!(planned[2].skip.as_deref().unwrap().contains("k3s"));
+    assert!(planned[1].skip.as_deref().unwrap().contains("k3s"));
+    assert!(planned[3].skip.as_deref().unwrap().contains("WAL"));
     assert!(planned[5].skip.as_deref().unwrap().contains("volume"));
     assert!(total_deadline(&planned) > Duration::from_secs(60));
 }

@@ -325,6 +325,15 @@ impl WalService {
 
     /// Ships the spool (spool mode) and runs the gap watchdog until
     /// cancelled.
+    /// The shutdown plan's flush-wal: returns once no push is in flight and,
+    /// in spool mode, the spool is shipped (the shipper goes on until the
+    /// service is cancelled, after this). The plan bounds the wait.
+    pub async fn flush(&self) {
+        while self.in_flight.load(Ordering::Relaxed) + spool::queued_count(&self.spool_dir, self.settings.mode) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) -> Result<(), String> {
         info!(mode = self.settings.mode.as_str(), "WAL archiving on");
         let mut tasks = tokio::task::JoinSet::new();
