@@ -420,15 +420,20 @@ fn print_json<T: serde::Serialize>(value: &T) {
     println!("{}", serde_json::to_string_pretty(value).expect("replies serialize"));
 }
 
+/// A reply as JSON (`--json`, for scripts) or rendered for people.
+fn print_reply<T: serde::Serialize>(json: bool, value: &T, render: impl FnOnce(&T) -> String) {
+    if json {
+        print_json(value);
+    } else {
+        print!("{}", render(value));
+    }
+}
+
 fn backup_command(global: &GlobalArgs, sources: &ConfigSources, command: BackupCommand) -> Result<(), ClientError> {
     match command {
         BackupCommand::Now { job, json } => match call(global, sources, Request::BackupNow { job })? {
-            Response::Backups { backups } if json => {
-                print_json(&backups);
-                Ok(())
-            }
             Response::Backups { backups } => {
-                print!("{}", render_backups(&backups));
+                print_reply(json, &backups, |b| render_backups(b));
                 Ok(())
             }
             other => Err(unexpected(other)),
@@ -442,36 +447,24 @@ fn backup_command(global: &GlobalArgs, sources: &ConfigSources, command: BackupC
                     limit: Some(limit),
                 },
             )? {
-                Response::Backups { backups } if json => {
-                    print_json(&backups);
-                    Ok(())
-                }
                 Response::Backups { backups } => {
-                    print!("{}", render_backups(&backups));
+                    print_reply(json, &backups, |b| render_backups(b));
                     Ok(())
                 }
                 other => Err(unexpected(other)),
             }
         }
         BackupCommand::Show { id, json } => match call(global, sources, Request::BackupShow { id })? {
-            Response::Backup { backup } if json => {
-                print_json(&backup);
-                Ok(())
-            }
             Response::Backup { backup } => {
-                print!("{}", render_backup(&backup));
+                print_reply(json, &backup, |b| render_backup(b));
                 Ok(())
             }
             other => Err(unexpected(other)),
         },
         BackupCommand::Prune { job, dry_run, json } => {
             match call(global, sources, Request::BackupPrune { job, dry_run })? {
-                Response::PrunePlan { decisions, .. } if json => {
-                    print_json(&decisions);
-                    Ok(())
-                }
                 Response::PrunePlan { dry_run, decisions } => {
-                    print!("{}", render_prune(dry_run, &decisions));
+                    print_reply(json, &decisions, |d| render_prune(dry_run, d));
                     Ok(())
                 }
                 other => Err(unexpected(other)),
@@ -491,12 +484,8 @@ fn backup_command(global: &GlobalArgs, sources: &ConfigSources, command: BackupC
                 restore_test: !checksum_only,
             },
         )? {
-            Response::Verified { report } if json => {
-                print_json(&report);
-                Ok(())
-            }
             Response::Verified { report } => {
-                println!("{}", report.summary);
+                print_reply(json, &report, |r| format!("{}\n", r.summary));
                 Ok(())
             }
             other => Err(unexpected(other)),
@@ -515,22 +504,20 @@ fn restore_command(global: &GlobalArgs, sources: &ConfigSources, args: RestoreAr
         no_owner: args.no_owner,
     });
     match call(global, sources, request)? {
-        Response::Restored { report } if args.json => {
-            print_json(&report);
-            Ok(())
-        }
         Response::Restored { report } => {
-            println!(
-                "restored {} ({}) to {}: {}",
-                if report.id > 0 {
-                    format!("backup {}", report.id)
-                } else {
-                    "the newest object".to_string()
-                },
-                report.key,
-                report.target,
-                report.summary
-            );
+            print_reply(args.json, &report, |r| {
+                format!(
+                    "restored {} ({}) to {}: {}\n",
+                    if r.id > 0 {
+                        format!("backup {}", r.id)
+                    } else {
+                        "the newest object".to_string()
+                    },
+                    r.key,
+                    r.target,
+                    r.summary
+                )
+            });
             Ok(())
         }
         other => Err(unexpected(other)),
